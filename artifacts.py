@@ -1,0 +1,134 @@
+"""Loading and checking the preprocessing artifacts (maps, counts, matched vocabulary, manifest).
+
+Every loader validates shape, dtype and value range against the vocabulary sizes it is given and turns
+a missing or malformed file into a one-line `UserError` that names the file and the fix. Arrays are read
+with `allow_pickle=False`; nothing here can execute code from a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def _fix(path: Path) -> str:
+    return f"re-run the preprocessing step that writes {path.name} (run_pipeline.py --force)"
+
+
+def load_json(path: str | os.PathLike, what: str = "artifact") -> dict:
+    """Parse a JSON artifact."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {_fix(path)}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err}); {_fix(path)}") from err
+
+
+def load_npy(path: str | os.PathLike, ndim: int, kind: str, mmap: bool = False) -> np.ndarray:
+    """Load an `.npy` artifact without pickle, checking its rank and dtype kind ('i', 'u', 'f', 'b', 'iu')."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"artifact {path} does not exist; {_fix(path)}")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"artifact {path} is corrupt ({str(err).splitlines()[0]}); {_fix(path)}") from err
+    if arr.ndim != ndim or arr.dtype.kind not in kind:
+        raise UserError(f"artifact {path} holds a {arr.ndim}-D {arr.dtype} array, expected {ndim}-D of kind "
+                        f"{kind!r}; {_fix(path)}")
+    return arr
+
+
+def _check_range(arr: np.ndarray, path: Path, low: int, high: int) -> None:
+    if arr.size and (int(arr.min()) < low or int(arr.max()) > high):
+        raise UserError(f"artifact {path} has values outside [{low}, {high}]: it belongs to other vocabularies; "
+                        f"{_fix(path)}")
+
+
+def load_t2s_padded(path: str | os.PathLike, teacher_vocab_size: int, student_vocab_size: int) -> np.ndarray:
+    """int64 [V_T, max_split] student ids padded with V_S."""
+    path = Path(path)
+    arr = load_npy(path, 2, "iu")
+    if arr.shape[0] != teacher_vocab_size:
+        raise UserError(f"artifact {path} has {arr.shape[0]} rows for a teacher vocabulary of {teacher_vocab_size}; "
+                        f"{_fix(path)}")
+    _check_range(arr, path, 0, student_vocab_size)
+    return arr.astype(np.int64)
+
+
+def load_t2s_mapped_ids(path: str | os.PathLike, teacher_vocab_size: int) -> np.ndarray:
+    """int64 [K] teacher ids with a full student split."""
+    path = Path(path)
+    arr = load_npy(path, 1, "iu")
+    _check_range(arr, path, 0, teacher_vocab_size - 1)
+    return arr.astype(np.int64)
+
+
+def load_s2t(padded_path: str | os.PathLike, idxs_path: str | os.PathLike, teacher_vocab_size: int,
+             student_vocab_size: int, max_split: int) -> tuple[np.ndarray, np.ndarray]:
+    """(s2t_padded int64 [V_S, cut] padded with V_T, s2t_idxs_padded int64 [V_S, cut] slot numbers)."""
+    padded_path, idxs_path = Path(padded_path), Path(idxs_path)
+    padded = load_npy(padded_path, 2, "iu")
+    idxs = load_npy(idxs_path, 2, "iu")
+    if padded.shape != idxs.shape or padded.shape[0] != student_vocab_size:
+        raise UserError(f"artifacts {padded_path} {padded.shape} and {idxs_path} {idxs.shape} do not fit a student "
+                        f"vocabulary of {student_vocab_size}; {_fix(padded_path)}")
+    _check_range(padded, padded_path, 0, teacher_vocab_size)
+    _check_range(idxs, idxs_path, 0, max_split - 1)
+    return padded.astype(np.int64), idxs.astype(np.int64)
+
+
+def load_counts(path: str | os.PathLike, vocab_size: int) -> np.ndarray:
+    """int64 [V] token occurrence counts."""
+    path = Path(path)
+    arr = load_npy(path, 1, "iu")
+    if arr.shape[0] != vocab_size:
+        raise UserError(f"artifact {path} has {arr.shape[0]} counts for a vocabulary of {vocab_size}; {_fix(path)}")
+    _check_range(arr, path, 0, np.iinfo(np.int64).max)
+    return arr.astype(np.int64)
+
+
+def load_matched_vocab(path: str | os.PathLike, teacher_vocab_size: int,
+                       student_vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher ids int64 [K], student ids int64 [K]) of the tokens present in both vocabularies."""
+    path = Path(path)
+    data = load_json(path, "matched vocabulary")
+    try:
+        pairs = np.array(sorted(data.values()), dtype=np.int64).reshape(-1, 2)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"matched vocabulary {path} must map tokens to [teacher_id, student_id]; {_fix(path)}") from err
+    _check_range(pairs[:, 0], path, 0, teacher_vocab_size - 1)
+    _check_range(pairs[:, 1], path, 0, student_vocab_size - 1)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+def load_teacher2student(path: str | os.PathLike) -> dict:
+    """The `teacher2student.json` map: splits, vocabulary sizes, fingerprints."""
+    path = Path(path)
+    data = load_json(path, "teacher->student map")
+    if not isinstance(data.get("splits"), list) or len(data["splits"]) != data.get("teacher_vocab_size"):
+        raise UserError(f"teacher->student map {path} has no split per teacher token; {_fix(path)}")
+    return data
+
+
+def check_fingerprints(found: dict[str, str], expected: dict[str, str], source: str | os.PathLike) -> None:
+    """Raise when artifacts in `source` were built from other tokenizers than the ones given."""
+    for side in ("teacher", "student"):
+        if side in expected and found.get(side) != expected[side]:
+            raise UserError(f"{source} was built with a different {side} tokenizer than the one given; rebuild it "
+                            f"(run_pipeline.py --force or a new --out_dir) or pass the matching --{side}_name")
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The pipeline's `manifest.json` in `out_dir`, or None when there is none yet."""
+    path = Path(out_dir) / MANIFEST
+    return load_json(path, "manifest") if path.is_file() else None

@@ -1,0 +1,123 @@
+"""Helpers shared by the preprocessing steps: corpus reading, output checks, tokenizer pairs."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+
+from errors import UserError
+from tokenizer_utils import fingerprint, load_tokenizer, special_tokens, vocab_list
+
+DEFAULT_MAX_BAD_FRAC = 0.001
+
+
+@dataclass
+class CorpusStats:
+    """Counts gathered while reading corpus files."""
+
+    files: int = 0
+    lines: int = 0
+    empty: int = 0
+    undecodable: int = 0
+    per_file: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def iter_corpus(paths: list[str], block_lines: int = 10000, max_bad_frac: float = DEFAULT_MAX_BAD_FRAC,
+                stats: CorpusStats | None = None) -> Iterator[list[str]]:
+    """Yield blocks of up to `block_lines` non-empty, stripped UTF-8 lines from the corpus files.
+
+    Undecodable lines are counted and skipped; a file whose undecodable share exceeds `max_bad_frac`, a
+    missing file, and a corpus with no text at all are `UserError`s. Memory holds one block.
+    """
+    stats = stats if stats is not None else CorpusStats()
+    if not paths:
+        raise UserError("no corpus files given; pass --corpus FILE [FILE ...]")
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"corpus file {path} does not exist; check the --corpus paths")
+    block: list[str] = []
+    for name in paths:
+        kept = bad = empty = 0
+        with open(name, "rb") as fh:
+            for raw in fh:
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    bad += 1
+                    continue
+                if not line:
+                    empty += 1
+                    continue
+                kept += 1
+                block.append(line)
+                if len(block) >= block_lines:
+                    yield block
+                    block = []
+        total = kept + bad + empty
+        if bad and bad > max_bad_frac * total:
+            raise UserError(f"corpus file {name} has {bad} of {total} lines that are not valid UTF-8; convert it "
+                            f"(e.g. iconv -f cp1251 -t utf-8) or raise --max_bad_frac (now {max_bad_frac})")
+        stats.files += 1
+        stats.lines += kept
+        stats.empty += empty
+        stats.undecodable += bad
+        stats.per_file[str(name)] = {"lines": kept, "empty": empty, "undecodable": bad}
+    if block:
+        yield block
+    if stats.lines == 0:
+        raise UserError(f"the corpus ({', '.join(paths)}) contains no text; pass non-empty UTF-8 text files")
+
+
+def check_output(path: str | os.PathLike, force: bool, flag: str = "--force") -> Path:
+    """Refuse to overwrite an existing output unless `force`; returns the path."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"output {path} already exists; pass {flag} to overwrite it or choose another path")
+    return path
+
+
+@dataclass
+class TokenizerPair:
+    """The teacher and student tokenizers with the tables the steps need."""
+
+    teacher: object
+    student: object
+    t_vocab: list[str]
+    s_vocab: list[str]
+    t_special: dict[str, str]
+    s_special: dict[str, str]
+    fingerprints: dict[str, str]
+
+    @property
+    def t_unk_id(self) -> int:
+        return self.t_vocab.index(self.t_special["unk"])
+
+    @property
+    def s_unk_id(self) -> int:
+        return self.s_vocab.index(self.s_special["unk"])
+
+
+def load_pair(teacher_dir: str, student_dir: str) -> TokenizerPair:
+    """Load both tokenizers (one-line errors for missing or broken directories)."""
+    teacher = load_tokenizer(teacher_dir, "teacher")
+    student = load_tokenizer(student_dir, "student")
+    return TokenizerPair(
+        teacher=teacher, student=student, t_vocab=vocab_list(teacher), s_vocab=vocab_list(student),
+        t_special=special_tokens(teacher), s_special=special_tokens(student),
+        fingerprints={"teacher": fingerprint(teacher), "student": fingerprint(student)},
+    )
+
+
+@contextmanager
+def timed(stats: dict, key: str = "seconds"):
+    """Store the wall time of the block in `stats[key]`."""
+    start = time.perf_counter()
+    yield
+    stats[key] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,120 @@
+"""Step 4: encode every text with both tokenizers into a shard set.
+
+Texts are read in blocks and encoded with the Rust `tokenizers` batch API (`--num_workers` threads);
+each side gets `[CLS] ... [SEP]`. A text is kept only if its teacher->student re-tokenisation (each teacher
+token replaced by its student split) is at least as long as the teacher sequence, i.e. no teacher token
+in it is unmapped. Over-long texts are kept here and split by step 5 (`prepare_lm_seqs.py`) at a word
+boundary shared by both sides, so every chunk then fits `--max_len` on the teacher, student and t2s side.
+Memory holds one block; shards roll over every `--seqs_per_shard` sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+import numpy as np
+from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus, load_pair, timed
+
+from artifacts import load_t2s_padded
+from errors import run_cli
+from shard_io import Block, ShardSetWriter, segment_ids
+
+
+def encode_block(backend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(flat int64 ids, int64 lengths) of `texts` encoded with special tokens."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    ids = [e.ids for e in encode(texts, add_special_tokens=True)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def t2s_lengths(t_ids: np.ndarray, t_lengths: np.ndarray, n_pieces: np.ndarray) -> np.ndarray:
+    """[n] length of each teacher sequence after replacing every token by its student split."""
+    return np.bincount(segment_ids(t_lengths), weights=n_pieces[t_ids], minlength=len(t_lengths)).astype(np.int64)
+
+
+def keep_mask(t_ids: np.ndarray, t_lengths: np.ndarray, n_pieces: np.ndarray) -> np.ndarray:
+    """[n] bool: texts whose t2s sequence is at least as long as the teacher sequence."""
+    return t2s_lengths(t_ids, t_lengths, n_pieces) >= t_lengths
+
+
+def select(block: Block, keep: np.ndarray) -> Block:
+    """The sequences of `block` where `keep` is true."""
+    t_tok, s_tok = np.repeat(keep, block.t_lengths), np.repeat(keep, block.s_lengths)
+    return Block(block.t_ids[t_tok], block.t_lengths[keep], block.s_ids[s_tok], block.s_lengths[keep])
+
+
+def run(teacher_name: str, student_name: str, corpus: list[str], t2s_padded: str, out_dir: str,
+        block_lines: int = 10000, seqs_per_shard: int = 1_000_000, num_workers: int = 2,
+        max_bad_frac: float = DEFAULT_MAX_BAD_FRAC, force: bool = False) -> dict:
+    """Encode the corpus into the shard set `out_dir`; returns statistics."""
+    if num_workers > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        os.environ.setdefault("RAYON_NUM_THREADS", str(num_workers))
+    check_output(out_dir, force)
+    stats: dict = {}
+    with timed(stats):
+        pair = load_pair(teacher_name, student_name)
+        n_t, n_s = len(pair.t_vocab), len(pair.s_vocab)
+        n_pieces = (load_t2s_padded(t2s_padded, n_t, n_s) != n_s).sum(axis=1)
+        corpus_stats = CorpusStats()
+        kept = dropped = t_tokens = s_tokens = 0
+        with ShardSetWriter(out_dir, n_t, n_s, pair.fingerprints) as shard_set:
+            writer, in_shard = None, 0
+            for texts in iter_corpus(corpus, block_lines, max_bad_frac, corpus_stats):
+                t_ids, t_len = encode_block(pair.teacher.backend_tokenizer, texts)
+                s_ids, s_len = encode_block(pair.student.backend_tokenizer, texts)
+                keep = keep_mask(t_ids, t_len, n_pieces)
+                block = select(Block(t_ids, t_len, s_ids, s_len), keep)
+                dropped += int((~keep).sum())
+                start = 0
+                while start < len(block):
+                    if writer is None:
+                        writer, in_shard = shard_set.new_shard(), 0
+                    take = min(len(block) - start, seqs_per_shard - in_shard)
+                    part = select(block, (np.arange(len(block)) >= start) & (np.arange(len(block)) < start + take))
+                    writer.add(part)
+                    in_shard += take
+                    start += take
+                    if in_shard == seqs_per_shard:
+                        writer.close()
+                        writer = None
+                kept += len(block)
+                t_tokens += int(block.t_lengths.sum())
+                s_tokens += int(block.s_lengths.sum())
+            if writer is not None:
+                writer.close()
+            stats.update(texts=corpus_stats.lines, kept=kept, dropped_unmapped_teacher_token=dropped,
+                         undecodable_lines=corpus_stats.undecodable, teacher_tokens=t_tokens,
+                         student_tokens=s_tokens, shards=len(shard_set.shards))
+            shard_set.close({"step": "encode_shards", "stats": stats})
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher_name", required=True, help="teacher directory (tokenizer)")
+    p.add_argument("--student_name", required=True, help="student directory (tokenizer from step 1)")
+    p.add_argument("--corpus", nargs="+", required=True, help="UTF-8 text files, one text per line")
+    p.add_argument("--t2s_padded", required=True, help="t2s_padded.npy from step 2")
+    p.add_argument("--out_dir", required=True, help="output shard set directory")
+    p.add_argument("--block_lines", type=int, default=10000, help="texts encoded per batch")
+    p.add_argument("--seqs_per_shard", type=int, default=1_000_000)
+    p.add_argument("--num_workers", type=int, default=2, help="encoder threads")
+    p.add_argument("--max_bad_frac", type=float, default=DEFAULT_MAX_BAD_FRAC)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    a = p.parse_args(argv)
+    stats = run(a.teacher_name, a.student_name, a.corpus, a.t2s_padded, a.out_dir, a.block_lines,
+                a.seqs_per_shard, a.num_workers, a.max_bad_frac, a.force)
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,248 @@
+"""Step 8: initialise the student from the teacher (an HF model directory, `student_init/`).
+
+- Transformer layers: the teacher's L_T layers are cut into L_S consecutive groups (12 -> 3: four each;
+  4 -> 3: 2, 1, 1) and every parameter of student layer k is the mean of that parameter over group k,
+  truncated to the student's shape (the top-left block). Works for any L_S <= L_T and hidden sizes up
+  to the teacher's.
+- Vocabulary mapping: the student embedding (and output-layer row and bias) of a student token u is the
+  mean of the teacher rows of the teacher tokens whose split contains u (special tokens map to
+  themselves), truncated to the student's width. A student token no teacher split contains is split
+  into teacher pieces itself and gets their mean (the teacher `[UNK]` row when that fails).
+  Without `--t2s_mapping`, the vocabularies must be equal and rows are copied.
+- Position embeddings (plus the teacher's token-type-0 embedding, which BERT adds to every position and
+  DistilBERT does not have) and the embedding LayerNorm: truncated.
+- The MLM head's transform and its LayerNorm: truncated copies (`--vocab_transform random` keeps the
+  student's random ones).
+Teacher: any `BertForMaskedLM` directory. Student: a DistilBERT or BERT config (`--student_name` holds
+its config.json and tokenizer); the tokenizer files are copied into the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import numpy as np
+from common import check_output, load_pair, timed
+
+from artifacts import check_fingerprints, load_teacher2student
+from errors import UserError, run_cli
+from fsutil import staged_dir
+from tokenizer_utils import UNMAPPED_PATTERN, greedy_split, write_vocab_txt
+
+BERT_LAYER = {
+    "q.weight": "attention.self.query.weight", "q.bias": "attention.self.query.bias",
+    "k.weight": "attention.self.key.weight", "k.bias": "attention.self.key.bias",
+    "v.weight": "attention.self.value.weight", "v.bias": "attention.self.value.bias",
+    "o.weight": "attention.output.dense.weight", "o.bias": "attention.output.dense.bias",
+    "ln1.weight": "attention.output.LayerNorm.weight", "ln1.bias": "attention.output.LayerNorm.bias",
+    "ffn1.weight": "intermediate.dense.weight", "ffn1.bias": "intermediate.dense.bias",
+    "ffn2.weight": "output.dense.weight", "ffn2.bias": "output.dense.bias",
+    "ln2.weight": "output.LayerNorm.weight", "ln2.bias": "output.LayerNorm.bias",
+}
+DISTILBERT_LAYER = {
+    "q.weight": "attention.q_lin.weight", "q.bias": "attention.q_lin.bias",
+    "k.weight": "attention.k_lin.weight", "k.bias": "attention.k_lin.bias",
+    "v.weight": "attention.v_lin.weight", "v.bias": "attention.v_lin.bias",
+    "o.weight": "attention.out_lin.weight", "o.bias": "attention.out_lin.bias",
+    "ln1.weight": "sa_layer_norm.weight", "ln1.bias": "sa_layer_norm.bias",
+    "ffn1.weight": "ffn.lin1.weight", "ffn1.bias": "ffn.lin1.bias",
+    "ffn2.weight": "ffn.lin2.weight", "ffn2.bias": "ffn.lin2.bias",
+    "ln2.weight": "output_layer_norm.weight", "ln2.bias": "output_layer_norm.bias",
+}
+NAMES = {
+    "bert": {
+        "layer": "bert.encoder.layer.{i}.{name}", "layer_map": BERT_LAYER,
+        "word": "bert.embeddings.word_embeddings.weight", "pos": "bert.embeddings.position_embeddings.weight",
+        "type": "bert.embeddings.token_type_embeddings.weight",
+        "emb_ln.weight": "bert.embeddings.LayerNorm.weight", "emb_ln.bias": "bert.embeddings.LayerNorm.bias",
+        "head.weight": "cls.predictions.transform.dense.weight", "head.bias": "cls.predictions.transform.dense.bias",
+        "head_ln.weight": "cls.predictions.transform.LayerNorm.weight",
+        "head_ln.bias": "cls.predictions.transform.LayerNorm.bias",
+        "out.weight": "cls.predictions.decoder.weight", "out.bias": "cls.predictions.bias",
+    },
+    "distilbert": {
+        "layer": "distilbert.transformer.layer.{i}.{name}", "layer_map": DISTILBERT_LAYER,
+        "word": "distilbert.embeddings.word_embeddings.weight",
+        "pos": "distilbert.embeddings.position_embeddings.weight", "type": None,
+        "emb_ln.weight": "distilbert.embeddings.LayerNorm.weight", "emb_ln.bias": "distilbert.embeddings.LayerNorm.bias",
+        "head.weight": "vocab_transform.weight", "head.bias": "vocab_transform.bias",
+        "head_ln.weight": "vocab_layer_norm.weight", "head_ln.bias": "vocab_layer_norm.bias",
+        "out.weight": "vocab_projector.weight", "out.bias": "vocab_projector.bias",
+    },
+}
+HEAD_KEYS = ("head.weight", "head.bias", "head_ln.weight", "head_ln.bias")
+
+
+def n_layers(config) -> int:
+    return config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layers
+
+
+def layer_groups(n_teacher: int, n_student: int) -> list[np.ndarray]:
+    """Consecutive groups of teacher layer indices, one per student layer (sizes differ by at most one)."""
+    if not 1 <= n_student <= n_teacher:
+        raise UserError(f"the student has {n_student} layers and the teacher {n_teacher}; the student needs "
+                        "between 1 and the teacher's number of layers")
+    return np.array_split(np.arange(n_teacher), n_student)
+
+
+def truncate(tensor, shape):
+    """Top-left block of `tensor` with `shape`."""
+    if any(s > t for s, t in zip(shape, tensor.shape)):
+        raise UserError(f"a student tensor of shape {tuple(shape)} is larger than the teacher's "
+                        f"{tuple(tensor.shape)}; the student must not be wider than the teacher")
+    return tensor[tuple(slice(0, s) for s in shape)].clone()
+
+
+def vocab_mapping(t_vocab: list[str], s_vocab: list[str], splits: list[list[int]], t_special: set[str],
+                  t_unk: str, s_unk_id: int):
+    """scipy CSR [V_S, V_T]: row u averages the teacher tokens whose split contains u (see module doc)."""
+    from scipy import sparse
+
+    rows, cols = [], []
+    for v, (token, split) in enumerate(zip(t_vocab, splits)):
+        if token in t_special or (split and s_unk_id not in split):
+            for u in set(split):
+                rows.append(u)
+                cols.append(v)
+    covered = set(rows)
+    t_index = {tok: i for i, tok in enumerate(t_vocab)}
+    for u, token in enumerate(s_vocab):
+        if u in covered or UNMAPPED_PATTERN.match(token):
+            continue
+        for piece in set(greedy_split(token, t_index, t_unk)):
+            rows.append(u)
+            cols.append(t_index[piece])
+    rows_a, cols_a = np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
+    counts = np.bincount(rows_a, minlength=len(s_vocab))
+    weights = 1.0 / counts[rows_a]
+    return sparse.csr_matrix((weights, (rows_a, cols_a)), shape=(len(s_vocab), len(t_vocab)))
+
+
+def load_teacher(path: str):
+    """BertForMaskedLM with its MLM head; a one-line error when the directory lacks weights or the head."""
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the teacher model from {path}: {str(err).splitlines()[0]}; pass a "
+                        "BertForMaskedLM directory (config.json + weights)") from err
+    missing = [k for k in info["missing_keys"] if "predictions" in k or "embeddings" in k]
+    if model.config.model_type != "bert" or missing:
+        raise UserError(f"teacher {path} is not a BertForMaskedLM with an MLM head (missing: {missing[:3]}); "
+                        "save the teacher with its MLM head (BertForMaskedLM.save_pretrained)")
+    return model
+
+
+def init_student(teacher, student, mapping, vocab_transform: bool = True) -> dict:
+    """Overwrite `student`'s parameters in place from `teacher`; `mapping` is the [V_S, V_T] CSR or None
+    (equal vocabularies). Returns what was initialised."""
+    import torch
+
+    t_names, s_names = NAMES["bert"], NAMES[student.config.model_type]
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    done = {}
+
+    def put(name: str, value) -> None:
+        s_state[name].copy_(value.to(s_state[name].dtype))
+        done[name] = tuple(s_state[name].shape)
+
+    groups = layer_groups(n_layers(teacher.config), n_layers(student.config))
+    with torch.no_grad():
+        for k, group in enumerate(groups):
+            for role, t_name in t_names["layer_map"].items():
+                mean = torch.stack([t_state[t_names["layer"].format(i=i, name=t_name)] for i in group]).mean(0)
+                s_name = s_names["layer"].format(i=k, name=s_names["layer_map"][role])
+                put(s_name, truncate(mean, s_state[s_name].shape))
+        pos = t_state[t_names["pos"]] + t_state[t_names["type"]][0]
+        s_pos = s_state[s_names["pos"]]
+        n_pos = min(pos.shape[0], s_pos.shape[0])
+        put(s_names["pos"], torch.cat([truncate(pos[:n_pos], (n_pos, s_pos.shape[1])), s_pos[n_pos:]]))
+        if s_names["type"] is not None:
+            put(s_names["type"], truncate(torch.zeros_like(t_state[t_names["type"]]), s_state[s_names["type"]].shape))
+        for key in ("emb_ln.weight", "emb_ln.bias") + (HEAD_KEYS if vocab_transform else ()):
+            put(s_names[key], truncate(t_state[t_names[key]], s_state[s_names[key]].shape))
+        width = s_state[s_names["word"]].shape[1]
+        rows = {"word": t_state[t_names["word"]][:, :width], "out.bias": t_state[t_names["out.bias"]][:, None]}
+        tied = student.get_output_embeddings().weight is student.get_input_embeddings().weight
+        if not tied:
+            rows["out.weight"] = t_state[t_names["out.weight"]][:, :width]
+        for key, table in rows.items():
+            mapped = table if mapping is None else torch.from_numpy(mapping @ table.double().numpy())
+            put(s_names[key], mapped.reshape(s_state[s_names[key]].shape))
+    return {"layer_groups": [g.tolist() for g in groups], "tensors": len(done), "tied_output": tied}
+
+
+def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None = None,
+        vocab_transform: bool = True, seed: int = 42, force: bool = False) -> dict:
+    """Build and save the initialised student; returns statistics."""
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    out_dir = check_output(out, force)
+    stats: dict = {}
+    with timed(stats):
+        pair = load_pair(teacher_name, student_name)
+        if not (Path(student_name) / "config.json").is_file():
+            raise UserError(f"student directory {student_name} has no config.json; run train_reduced_tok.py with "
+                            "--student_config")
+        config = AutoConfig.from_pretrained(student_name)
+        if config.model_type not in NAMES:
+            raise UserError(f"student config {student_name}/config.json is a {config.model_type}; use distilbert "
+                            "or bert")
+        if config.vocab_size != len(pair.s_vocab):
+            raise UserError(f"student config vocab_size {config.vocab_size} != student tokenizer size "
+                            f"{len(pair.s_vocab)} in {student_name}; re-run train_reduced_tok.py")
+        teacher = load_teacher(teacher_name)
+        if teacher.config.vocab_size != len(pair.t_vocab):
+            raise UserError(f"teacher model vocab_size {teacher.config.vocab_size} != teacher tokenizer size "
+                            f"{len(pair.t_vocab)} in {teacher_name}; the model and tokenizer do not belong together")
+        if t2s_mapping is not None:
+            meta = load_teacher2student(t2s_mapping)
+            check_fingerprints(meta["fingerprints"], pair.fingerprints, t2s_mapping)
+            mapping = vocab_mapping(pair.t_vocab, pair.s_vocab, meta["splits"], set(pair.teacher.all_special_tokens),
+                                    pair.t_special["unk"], pair.s_unk_id)
+        elif pair.t_vocab != pair.s_vocab:
+            raise UserError("the student vocabulary differs from the teacher's; pass --t2s_mapping "
+                            "teacher2student.json")
+        else:
+            mapping = None
+        torch.manual_seed(seed)
+        student = AutoModelForMaskedLM.from_config(config)
+        info = init_student(teacher, student, mapping, vocab_transform)
+        with staged_dir(out_dir) as tmp:
+            student.save_pretrained(str(tmp))
+            pair.student.save_pretrained(str(tmp))
+            write_vocab_txt(pair.student, tmp)
+            for name in ("student_tokenizer_stats.json",):
+                if (Path(student_name) / name).is_file():
+                    shutil.copy(Path(student_name) / name, tmp / name)
+        stats.update(info, teacher_params=sum(p.numel() for p in teacher.parameters()),
+                     student_params=sum(p.numel() for p in student.parameters()))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher_name", required=True, help="teacher directory (BertForMaskedLM + tokenizer)")
+    p.add_argument("--student_name", required=True, help="student directory (config.json + tokenizer)")
+    p.add_argument("--out", required=True, help="output HF model directory (student_init)")
+    p.add_argument("--t2s_mapping", help="teacher2student.json from step 2 (omit for equal vocabularies)")
+    p.add_argument("--vocab_transform", choices=("copy", "random"), default="copy",
+                   help="copy the teacher's MLM transform (truncated) or keep it random")
+    p.add_argument("--seed", type=int, default=42, help="seed of the parameters that are not copied")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    a = p.parse_args(argv)
+    stats = run(a.teacher_name, a.student_name, a.out, a.t2s_mapping, a.vocab_transform == "copy", a.seed, a.force)
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

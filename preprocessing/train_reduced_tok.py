@@ -1,0 +1,193 @@
+"""Step 1: train the student's reduced WordPiece vocabulary on the corpus.
+
+The student tokenizer keeps the teacher's special tokens, normaliser and pre-tokeniser, so teacher and
+student split text into the same words. Every character of the student alphabet (the corpus characters
+that cover `--char_coverage` of all character occurrences) is in the vocabulary both as `c` and `##c`,
+so a teacher token made of those characters always splits into student pieces without `[UNK]`.
+
+Output: an HF tokenizer directory (`tokenizer.json`, `tokenizer_config.json`, `vocab.txt`) and, with
+`--student_config`, the student's `config.json` with `vocab_size` set from the trained vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus
+
+from errors import UserError, run_cli
+from fsutil import atomic_write_json, staged_dir
+from tokenizer_utils import (
+    CONT_PREFIX,
+    load_tokenizer,
+    special_tokens,
+    vocab_list,
+    wordpiece_settings,
+    write_vocab_txt,
+)
+
+
+def alphabet_at_coverage(char_counts: Counter, coverage: float) -> list[str]:
+    """The most frequent characters whose occurrences add up to at least `coverage` of all (ties by char)."""
+    ranked = sorted(char_counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    total = sum(char_counts.values())
+    alphabet, seen = [], 0
+    for char, count in ranked:
+        if seen >= coverage * total:
+            break
+        alphabet.append(char)
+        seen += count
+    return alphabet
+
+
+def count_chars(corpus: list[str], normalizer, max_bad_frac: float) -> tuple[Counter, CorpusStats]:
+    """Character counts of the normalised corpus (whitespace excluded)."""
+    counts: Counter = Counter()
+    stats = CorpusStats()
+    for block in iter_corpus(corpus, max_bad_frac=max_bad_frac, stats=stats):
+        text = "\n".join(block)
+        counts.update(normalizer.normalize_str(text) if normalizer is not None else text)
+    for char in [c for c in counts if c.isspace()]:
+        del counts[char]
+    return counts, stats
+
+
+def final_vocab(specials: list[str], alphabet: list[str], learned: list[str], size: int) -> list[str]:
+    """specials + alphabet (`c` and `##c`) + learned pieces in training order, cut to `size` entries."""
+    base = list(dict.fromkeys(specials + alphabet + [CONT_PREFIX + c for c in alphabet]))
+    if size < len(base):
+        raise UserError(f"--vocab_size {size} is too small: the special tokens and the {len(alphabet)}-character "
+                        f"alphabet need {len(base)} entries; raise --vocab_size or lower --char_coverage")
+    taken = set(base)
+    rest = [t for t in learned if t not in taken]
+    return base + rest[: size - len(base)]
+
+
+def build_student_tokenizer(teacher, vocab: list[str], max_len: int):
+    """A fast tokenizer with the teacher's normaliser/pre-tokeniser/decoder and the new WordPiece vocab."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(teacher.backend_tokenizer.to_str())
+    roles = special_tokens(teacher)
+    index = {tok: i for i, tok in enumerate(vocab)}
+    specials = [t for t in vocab_list(teacher) if t in set(teacher.all_special_tokens)]
+    spec["model"]["vocab"] = index
+    spec["added_tokens"] = [
+        {"id": index[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True} for t in specials
+    ]
+    spec["post_processor"] = None
+    spec["truncation"] = None
+    spec["padding"] = None
+    backend = Tokenizer.from_str(json.dumps(spec))
+    cls, sep = roles["cls"], roles["sep"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, index[cls]), (sep, index[sep])],
+    )
+    extra = [t for t in specials if t not in roles.values()]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=max_len, additional_special_tokens=extra or None,
+        **{f"{role}_token": tok for role, tok in roles.items()},
+    )
+
+
+def read_student_config(path: str, max_len: int):
+    """Load a DistilBERT/BERT config JSON (vocab_size and pad_token_id are set later)."""
+    from transformers import CONFIG_MAPPING
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read the student config {path}: {err}; pass a DistilBERT config JSON") from err
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"student config {path} has no known model_type ({model_type!r}); use e.g. \"distilbert\"")
+    config = CONFIG_MAPPING[model_type](**{k: v for k, v in data.items() if k != "model_type"})
+    if getattr(config, "max_position_embeddings", max_len) < max_len:
+        raise UserError(f"student config {path}: max_position_embeddings {config.max_position_embeddings} < "
+                        f"--max_len {max_len}; raise it or lower --max_len")
+    return config
+
+
+def train(teacher_name: str, corpus: list[str], vocab_size: int, out: str, char_coverage: float = 0.9995,
+          min_frequency: int = 2, student_config_path: str | None = None, max_len: int = 512,
+          max_bad_frac: float = DEFAULT_MAX_BAD_FRAC, force: bool = False) -> dict:
+    """Train and save the student tokenizer (and config); returns statistics."""
+    from tokenizers import Tokenizer, models, trainers
+
+    out_dir = check_output(out, force)
+    teacher = load_tokenizer(teacher_name, "teacher")
+    wp = wordpiece_settings(teacher)
+    backend = teacher.backend_tokenizer
+    if not 0 < char_coverage <= 1:
+        raise UserError(f"--char_coverage {char_coverage} must be in (0, 1]")
+    counts, corpus_stats = count_chars(corpus, backend.normalizer, max_bad_frac)
+    alphabet = alphabet_at_coverage(counts, char_coverage)
+    specials = [t for t in vocab_list(teacher) if t in set(teacher.all_special_tokens)]
+    final_vocab(specials, alphabet, [], vocab_size)  # fail early when the size cannot hold the alphabet
+    config = read_student_config(student_config_path, max_len) if student_config_path else None
+
+    model = Tokenizer(models.WordPiece(unk_token=wp["unk_token"], continuing_subword_prefix=CONT_PREFIX,
+                                       max_input_chars_per_word=wp["max_input_chars_per_word"]))
+    model.normalizer = backend.normalizer
+    model.pre_tokenizer = backend.pre_tokenizer
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, limit_alphabet=len(alphabet),
+        initial_alphabet=alphabet, continuing_subword_prefix=CONT_PREFIX, show_progress=False,
+    )
+    lines = (line for block in iter_corpus(corpus, max_bad_frac=max_bad_frac) for line in block)
+    model.train_from_iterator(lines, trainer=trainer)
+    learned_map = model.get_vocab()
+    learned = sorted(learned_map, key=learned_map.__getitem__)
+    vocab = final_vocab(specials, alphabet, learned, vocab_size)
+
+    student = build_student_tokenizer(teacher, vocab, max_len)
+    with staged_dir(out_dir) as tmp:
+        student.save_pretrained(str(tmp))
+        write_vocab_txt(student, tmp)
+        if config is not None:
+            config.vocab_size = len(vocab)
+            config.pad_token_id = vocab.index(special_tokens(teacher)["pad"])
+            config.save_pretrained(str(tmp))
+        stats = {
+            "vocab_size": len(vocab), "requested_vocab_size": vocab_size, "alphabet_size": len(alphabet),
+            "char_coverage": char_coverage, "distinct_chars": len(counts), "corpus_lines": corpus_stats.lines,
+            "undecodable_lines": corpus_stats.undecodable,
+        }
+        atomic_write_json(tmp / "student_tokenizer_stats.json", stats)
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher_name", required=True, help="teacher directory (HF BertForMaskedLM + tokenizer)")
+    p.add_argument("--corpus", nargs="+", required=True, help="UTF-8 text files, one text per line")
+    p.add_argument("--vocab_size", type=int, required=True, help="student vocabulary size")
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--char_coverage", type=float, default=0.9995, help="share of character occurrences to keep")
+    p.add_argument("--min_frequency", type=int, default=2, help="minimum pair frequency for a merge")
+    p.add_argument("--student_config", help="DistilBERT config JSON; written with the new vocab_size")
+    p.add_argument("--max_len", type=int, default=512, help="maximum sequence length (model_max_length)")
+    p.add_argument("--max_bad_frac", type=float, default=DEFAULT_MAX_BAD_FRAC,
+                   help="largest tolerated share of undecodable lines per corpus file")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    stats = train(a.teacher_name, a.corpus, a.vocab_size, a.out, a.char_coverage, a.min_frequency,
+                  a.student_config, a.max_len, a.max_bad_frac, a.force)
+    print(json.dumps(stats, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,77 @@
+"""Train a BERT WordPiece tokenizer from scratch (for pretraining a teacher when none exists).
+
+Cased or uncased BERT normalisation, BERT pre-tokenisation, the special tokens `[PAD] [UNK] [CLS] [SEP]
+[MASK]` and `--n_unused` `[unusedK]` placeholders, as in the original BERT vocabularies. Used by the demo
+and the tests; a user with a real teacher does not need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _bootstrap  # noqa: F401
+from common import DEFAULT_MAX_BAD_FRAC, check_output, iter_corpus
+
+from errors import UserError, run_cli
+from fsutil import staged_dir
+from tokenizer_utils import CONT_PREFIX, write_vocab_txt
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_bert_tokenizer(corpus: list[str], vocab_size: int, out: str, lowercase: bool = False,
+                         n_unused: int = 10, min_frequency: int = 2, max_len: int = 512,
+                         limit_alphabet: int = 1000, max_bad_frac: float = DEFAULT_MAX_BAD_FRAC,
+                         force: bool = False) -> dict:
+    """Train and save the tokenizer directory (tokenizer.json, tokenizer_config.json, vocab.txt)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = check_output(out, force)
+    specials = ["[PAD]"] + [f"[unused{i}]" for i in range(n_unused)] + SPECIALS[1:]
+    if vocab_size <= len(specials):
+        raise UserError(f"--vocab_size {vocab_size} must exceed the {len(specials)} special tokens")
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=CONT_PREFIX))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                                lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix=CONT_PREFIX)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                        limit_alphabet=limit_alphabet, continuing_subword_prefix=CONT_PREFIX,
+                                        show_progress=False)
+    lines = (line for block in iter_corpus(corpus, max_bad_frac=max_bad_frac) for line in block)
+    tok.train_from_iterator(lines, trainer=trainer)
+    vocab = tok.get_vocab()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_len, unk_token="[UNK]",
+                                   pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    with staged_dir(out_dir) as tmp:
+        fast.save_pretrained(str(tmp))
+        write_vocab_txt(fast, tmp)
+    return {"vocab_size": len(vocab), "lowercase": lowercase}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", nargs="+", required=True, help="UTF-8 text files, one text per line")
+    p.add_argument("--vocab_size", type=int, required=True)
+    p.add_argument("--out", required=True, help="output tokenizer directory")
+    p.add_argument("--lowercase", action="store_true", help="uncased vocabulary (default: cased)")
+    p.add_argument("--n_unused", type=int, default=10, help="number of [unusedK] placeholder tokens")
+    p.add_argument("--min_frequency", type=int, default=2)
+    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    a = p.parse_args(argv)
+    stats = train_bert_tokenizer(a.corpus, a.vocab_size, a.out, a.lowercase, a.n_unused, a.min_frequency,
+                                 a.max_len, force=a.force)
+    print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
