@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
-
 from errors import UserError
 from tokenizer_utils import fingerprint, load_tokenizer, special_tokens, vocab_list
 

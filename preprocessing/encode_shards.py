@@ -16,11 +16,11 @@ import json
 import os
 import sys
 
-import _bootstrap  # noqa: F401
 import numpy as np
-from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus, load_pair, timed
 
+import _bootstrap  # noqa: F401
 from artifacts import load_t2s_padded
+from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus, load_pair, timed
 from errors import run_cli
 from shard_io import Block, ShardSetWriter, segment_ids
 

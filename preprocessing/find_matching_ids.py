@@ -12,12 +12,12 @@ import argparse
 import json
 import sys
 
-import _bootstrap  # noqa: F401
 import numpy as np
-from alignment import SideTables, match_masks, same_string_map
-from common import load_pair, timed
 
+import _bootstrap  # noqa: F401
+from alignment import SideTables, match_masks, same_string_map
 from artifacts import check_fingerprints
+from common import load_pair, timed
 from errors import run_cli
 from shard_io import open_shards, read_index
 

@@ -25,11 +25,11 @@ import shutil
 import sys
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
 import numpy as np
-from common import check_output, load_pair, timed
 
+import _bootstrap  # noqa: F401
 from artifacts import check_fingerprints, load_teacher2student
+from common import check_output, load_pair, timed
 from errors import UserError, run_cli
 from fsutil import staged_dir
 from tokenizer_utils import UNMAPPED_PATTERN, greedy_split, write_vocab_txt

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 from common import load_pair, timed
-
 from errors import run_cli
 from fsutil import atomic_write_json
 

@@ -19,13 +19,13 @@ import argparse
 import json
 import sys
 
-import _bootstrap  # noqa: F401
 import numpy as np
+
+import _bootstrap  # noqa: F401
 from alignment import SideTables, word_counts
+from artifacts import check_fingerprints, load_t2s_padded
 from common import check_output, load_pair, timed
 from encode_shards import select, t2s_lengths
-
-from artifacts import check_fingerprints, load_t2s_padded
 from errors import UserError, run_cli
 from shard_io import Block, ShardSetWriter, open_shards, read_index, segment_ids
 

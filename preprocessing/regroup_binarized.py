@@ -10,11 +10,11 @@ import argparse
 import json
 import sys
 
-import _bootstrap  # noqa: F401
 import numpy as np
+
+import _bootstrap  # noqa: F401
 from common import check_output, timed
 from encode_shards import select
-
 from errors import UserError, run_cli
 from shard_io import ShardSetWriter, open_shards, read_index
 

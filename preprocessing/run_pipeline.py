@@ -34,9 +34,8 @@ import student2teacher
 import teacher_tokens_split
 import token_counts
 import train_reduced_tok
-from common import DEFAULT_MAX_BAD_FRAC
-
 from artifacts import MANIFEST, read_manifest
+from common import DEFAULT_MAX_BAD_FRAC
 from errors import UserError, run_cli
 from fsutil import atomic_write_json
 from shard_io import read_index
@@ -183,7 +182,18 @@ def run(a: argparse.Namespace, log=print) -> dict:
     teacher_tok = load_tokenizer(a.teacher_name, "teacher")
     external = external_fingerprints(a, teacher_tok)
     manifest = check_out_dir(out, external["teacher_tokenizer"], a.force)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_steps(a, out, external, manifest, log)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def run_steps(a: argparse.Namespace, out: Path, external: dict, manifest: dict, log) -> dict:
+    """Run every step that is not up to date, recording each one in the manifest as it finishes."""
     manifest["params"] = {k: v for k, v in vars(a).items() if k != "force"}
     total = time.perf_counter()
     for k, step in enumerate(STEPS, 1):

@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
 import numpy as np
-from common import timed
 
+import _bootstrap  # noqa: F401
 from artifacts import load_counts, load_t2s_mapped_ids, load_t2s_padded, load_teacher2student
+from common import timed
 from errors import UserError, run_cli
 from fsutil import atomic_save_npy
 

@@ -18,10 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
 import numpy as np
-from common import load_pair, timed
 
+import _bootstrap  # noqa: F401
+from common import load_pair, timed
 from errors import run_cli
 from fsutil import atomic_save_npy, atomic_write_json
 from tokenizer_utils import UNMAPPED_PATTERN, greedy_split

@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-import _bootstrap  # noqa: F401
 import numpy as np
-from common import timed
 
+import _bootstrap  # noqa: F401
+from common import timed
 from errors import run_cli
 from fsutil import atomic_save_npy
 from shard_io import open_shards, read_index

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus
-
 from errors import UserError, run_cli
 from fsutil import atomic_write_json, staged_dir
 from tokenizer_utils import (

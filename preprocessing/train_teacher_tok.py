@@ -13,7 +13,6 @@ import sys
 
 import _bootstrap  # noqa: F401
 from common import DEFAULT_MAX_BAD_FRAC, check_output, iter_corpus
-
 from errors import UserError, run_cli
 from fsutil import staged_dir
 from tokenizer_utils import CONT_PREFIX, write_vocab_txt
