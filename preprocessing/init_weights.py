@@ -32,6 +32,7 @@ from artifacts import check_fingerprints, load_teacher2student
 from common import check_output, load_pair, timed
 from errors import UserError, run_cli
 from fsutil import staged_dir
+from model_io import load_teacher
 from tokenizer_utils import UNMAPPED_PATTERN, greedy_split, write_vocab_txt
 
 BERT_LAYER = {
@@ -121,22 +122,6 @@ def vocab_mapping(t_vocab: list[str], s_vocab: list[str], splits: list[list[int]
     counts = np.bincount(rows_a, minlength=len(s_vocab))
     weights = 1.0 / counts[rows_a]
     return sparse.csr_matrix((weights, (rows_a, cols_a)), shape=(len(s_vocab), len(t_vocab)))
-
-
-def load_teacher(path: str):
-    """BertForMaskedLM with its MLM head; a one-line error when the directory lacks weights or the head."""
-    from transformers import AutoModelForMaskedLM
-
-    try:
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the teacher model from {path}: {str(err).splitlines()[0]}; pass a "
-                        "BertForMaskedLM directory (config.json + weights)") from err
-    missing = [k for k in info["missing_keys"] if "predictions" in k or "embeddings" in k]
-    if model.config.model_type != "bert" or missing:
-        raise UserError(f"teacher {path} is not a BertForMaskedLM with an MLM head (missing: {missing[:3]}); "
-                        "save the teacher with its MLM head (BertForMaskedLM.save_pretrained)")
-    return model
 
 
 def init_student(teacher, student, mapping, vocab_transform: bool = True) -> dict:

@@ -1,0 +1,72 @@
+"""Loading teachers and students (HF directories or state-dict files) with one-line errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from errors import UserError
+
+
+def load_teacher(path: str | os.PathLike):
+    """A BertForMaskedLM with its MLM head; a one-line error when the directory lacks weights or the head."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForMaskedLM
+
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(str(path), output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the teacher model from {path}: {str(err).splitlines()[0]}; pass a "
+                        "BertForMaskedLM directory (config.json + weights)") from err
+    missing = [k for k in info["missing_keys"] if "predictions" in k or "embeddings" in k]
+    if model.config.model_type != "bert" or missing:
+        raise UserError(f"teacher {path} is not a BertForMaskedLM with an MLM head (missing: {missing[:3]}); "
+                        "save the teacher with its MLM head (BertForMaskedLM.save_pretrained)")
+    return model
+
+
+def load_state_dict_file(path: Path) -> dict:
+    """Weights from a .safetensors file or a torch file (loaded with weights_only=True: no pickled code)."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or foreign file: name it and stop
+        raise UserError(f"cannot read weights from {path}: {str(err).splitlines()[0]}; pass an HF model directory, "
+                        "a .safetensors file or a plain state-dict file") from err
+
+
+def load_student(config_dir: str | os.PathLike, weights: str | os.PathLike | None = None,
+                 attn_implementation: str | None = None):
+    """An AutoModelForMaskedLM built from `config_dir/config.json`, initialised from `weights` (an HF
+    directory or a state-dict file) or randomly when `weights` is None."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    config_path = Path(config_dir) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"student directory {config_dir} has no config.json; pass the pipeline's OUT/student")
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    config = AutoConfig.from_pretrained(str(config_dir), **kwargs)
+    if weights is None:
+        return AutoModelForMaskedLM.from_config(config, **kwargs)
+    weights = Path(weights)
+    if weights.is_dir():
+        try:
+            return AutoModelForMaskedLM.from_pretrained(str(weights), config=config, **kwargs)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load student weights from {weights}: {str(err).splitlines()[0]}") from err
+    if not weights.is_file():
+        raise UserError(f"--student_pretrained_weights {weights} does not exist")
+    model = AutoModelForMaskedLM.from_config(config, **kwargs)
+    state = load_state_dict_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise UserError(f"weights {weights} do not fit the student config {config_path} (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); pass weights saved from this architecture")
+    model.tie_weights()
+    return model

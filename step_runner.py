@@ -1,0 +1,143 @@
+"""The forward passes of one distillation step: which positions and vocabulary columns each loss reads,
+the student's and the teacher's runs restricted to them, and the weighted sum of the losses.
+
+`StudentRunner` is the one `nn.Module` the trainer wraps in DDP: a single forward call does every student
+pass of the step (the MLM pass on the student's own masked tokens and, for reduce alignment, the pass on
+the t2s sequence), so DDP sees one forward per backward. Logits are computed only at the rows a loss
+reads and only for the columns it reads; no full-vocabulary logits elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from custom_step import IGNORE_INDEX, kl_div_loss, lm_head_logits, mlm_loss, reduce_map_logits, reduce_pool
+from errors import UserError
+
+ALIGNMENTS = ("match", "reduce", "reduce_map")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The encoder of a *ForMaskedLM model (DistilBertModel, BertModel, ...)."""
+    return model.base_model
+
+
+def head_transform(model: nn.Module):
+    """The MLM head's hidden->hidden transform (dense, activation, LayerNorm) of a BERT or DistilBERT."""
+    if hasattr(model, "vocab_transform"):
+        return lambda h: model.vocab_layer_norm(model.activation(model.vocab_transform(h)))
+    if hasattr(model, "cls") and hasattr(model.cls, "predictions"):
+        return model.cls.predictions.transform
+    raise UserError(f"{type(model).__name__} has no BERT/DistilBERT MLM head; use a BertForMaskedLM or "
+                    "DistilBertForMaskedLM")
+
+
+def output_layer(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight [V, D], bias [V]) of the output projection onto the vocabulary."""
+    decoder = model.get_output_embeddings()
+    return decoder.weight, decoder.bias
+
+
+@dataclass
+class KLPlan:
+    """What the KL term compares.
+
+    align: "match" (matched positions x matched columns), "reduce" (t2s pass pooled onto teacher positions,
+    matched columns) or "reduce_map" (t2s pass pooled, all student columns mapped onto teacher tokens).
+    s_columns: int64 [K] student columns (None = all, for reduce_map); t_columns: int64 [K'] teacher columns
+    (matched ids, or `t2s_mapped_ids` for reduce_map); t2s_padded: int64 [V_T, S] (reduce_map only).
+    """
+
+    align: str
+    temperature: float
+    t_columns: Tensor
+    s_columns: Tensor | None = None
+    average: bool = False
+    t2s_padded: Tensor | None = None
+    sum_probs: bool = False
+    impl: str = "sparse"
+    s2t_padded: Tensor | None = None
+    s2t_idxs_padded: Tensor | None = None
+    map_matrix: Tensor | None = None
+
+    @property
+    def needs_t2s(self) -> bool:
+        return self.align in ("reduce", "reduce_map")
+
+    def teacher_rows(self, batch: dict[str, Tensor]) -> Tensor:
+        """bool [B, Lt]: the teacher positions the KL reads."""
+        return batch["t_match"] if self.align == "match" else batch["t_mask"]
+
+    def to(self, device: torch.device) -> KLPlan:
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
+        return KLPlan(**moved)
+
+
+class StudentRunner(nn.Module):
+    """Every student pass of a step, returning only what the losses read.
+
+    forward(batch, masked_ids, labels) returns a dict with
+    - `mlm_logits` [M, V_S], `mlm_labels` [M]: at the MLM targets (when mlm is on);
+    - `kl_student` [N, K]: the student's scores aligned with the teacher rows of `KLPlan.teacher_rows`
+      (when a KL plan is given).
+    """
+
+    def __init__(self, student: nn.Module, mlm: bool, kl: KLPlan | None):
+        super().__init__()
+        self.student = student
+        self.mlm = mlm
+        self.kl = kl
+        self.transform = head_transform(student)
+
+    def _logits(self, hidden: Tensor, columns: Tensor | None) -> Tensor:
+        weight, bias = output_layer(self.student)
+        return lm_head_logits(self.transform(hidden), weight, bias, columns)
+
+    def forward(self, batch: dict[str, Tensor], masked_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        encoder = base_model(self.student)
+        kl = self.kl
+        if self.mlm or (kl is not None and kl.align == "match"):
+            hidden = encoder(input_ids=masked_ids, attention_mask=batch["s_mask"]).last_hidden_state
+            if self.mlm:
+                targets = labels != IGNORE_INDEX
+                out["mlm_logits"] = self._logits(hidden[targets], None)
+                out["mlm_labels"] = labels[targets]
+            if kl is not None and kl.align == "match":
+                out["kl_student"] = self._logits(hidden[batch["s_match"]], kl.s_columns)
+        if kl is not None and kl.needs_t2s:
+            hidden = encoder(input_ids=batch["t2s_ids"], attention_mask=batch["t2s_mask"]).last_hidden_state
+            rows = batch["t2s_mask"]
+            pieces = self._logits(hidden[rows], kl.s_columns)
+            pooled = reduce_pool(pieces, batch["t2s_segment"][rows], int(batch["t_mask"].sum()),
+                                 "mean" if kl.average else "sum")
+            if kl.align == "reduce_map":
+                pooled = reduce_map_logits(pooled, kl.t2s_padded, "logsumexp" if kl.sum_probs else "sum",
+                                           columns=kl.t_columns, impl=kl.impl, s2t_padded=kl.s2t_padded,
+                                           s2t_idxs_padded=kl.s2t_idxs_padded, map_matrix=kl.map_matrix)
+            out["kl_student"] = pooled
+        return out
+
+
+@torch.no_grad()
+def teacher_logits(teacher: nn.Module, batch: dict[str, Tensor], kl: KLPlan) -> Tensor:
+    """[N, K'] teacher logits at `kl.teacher_rows(batch)` over `kl.t_columns` (no gradient)."""
+    hidden = base_model(teacher)(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
+    weight, bias = output_layer(teacher)
+    return lm_head_logits(head_transform(teacher)(hidden[kl.teacher_rows(batch)]), weight, bias, kl.t_columns)
+
+
+def combine_losses(student_out: dict[str, Tensor], t_logits: Tensor | None, kl: KLPlan | None,
+                   alphas: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+    """(total = sum of alpha * loss, {name: loss}) with names `loss_ce` (KL) and `loss_mlm`."""
+    losses: dict[str, Tensor] = {}
+    if "mlm_logits" in student_out:
+        losses["loss_mlm"] = mlm_loss(student_out["mlm_logits"], student_out["mlm_labels"])
+    if kl is not None:
+        losses["loss_ce"] = kl_div_loss(t_logits, student_out["kl_student"], kl.temperature)
+    weights = {"loss_mlm": alphas.get("mlm", 0.0), "loss_ce": alphas.get("ce", 0.0)}
+    total = sum(weights[name] * value for name, value in losses.items())
+    return total, losses
