@@ -118,3 +118,14 @@ def git_info(path: str | os.PathLike) -> dict:
                 "dirty": repo.is_dirty(untracked_files=False), "path": repo.working_tree_dir}
     except Exception as err:  # git state is informative only; any failure means "unknown"
         return {"error": type(err).__name__}
+
+
+def param_digest(module: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in name order: equal digests mean bitwise-equal weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(module.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,332 @@
+"""Loss building blocks of the distillation step: KL, alignment (reduce / reduce-map / match) and MLM.
+
+Notation: teacher vocabulary V_T, student vocabulary V_S; N aligned rows, D hidden size.
+All functions are pure, vectorised and run on the device of their inputs. Losses are computed in fp32
+(fp64 stays fp64) whatever the input dtype (fp32, bf16, fp16); every loss returns a 0-dim tensor that is
+connected to the differentiable input even when there are no rows, so that `backward()` and DDP's
+gradient hooks always run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from my_index import my_index, my_index_reduce, restrict_inverse_map
+
+IGNORE_INDEX = -100
+"""Label value of positions that the MLM loss does not read."""
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; every other floating dtype is promoted to fp32 for softmax / log-softmax."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _connected_zero(tensor: Tensor) -> Tensor:
+    """A 0-dim fp32/fp64 zero whose grad_fn reaches `tensor` (for empty batches)."""
+    return tensor.sum().to(_loss_dtype(tensor.dtype)) * 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KL divergence
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kl_div_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)).
+
+    teacher_logits, student_logits: float [N, C] (any floating dtype, same columns in the same order).
+    Returns a 0-dim fp32 tensor (fp64 for fp64 students). Gradients flow into `student_logits` only.
+    Teacher columns at -inf (or very negative) are safe: the teacher log-probabilities are clamped to the
+    most negative finite fp32 value, so such columns contribute exactly 0 instead of 0 * inf = NaN.
+    Student logits must be finite. N == 0 gives a zero connected to `student_logits`.
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)} "
+                         "logits differ in shape")
+    if student_logits.shape[0] == 0:
+        return _connected_zero(student_logits)
+    dtype = _loss_dtype(student_logits.dtype)
+    teacher_log_probs = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    teacher_log_probs = teacher_log_probs.clamp_min(torch.finfo(dtype).min)
+    student_log_probs = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
+    return kl * (temperature ** 2 / student_logits.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reduce: pool the student's rows on the t2s sequence back onto teacher positions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _sum_pool(values: Tensor, segment_ids: Tensor, n_segments: int) -> Tensor:
+    """Sum of the rows of each segment: [M, D] -> [n_segments, D] (values.dtype)."""
+    out = values.new_zeros((n_segments, *values.shape[1:]))
+    return out.index_add(0, segment_ids, values)
+
+
+def _mean_pool(values: Tensor, segment_ids: Tensor, n_segments: int) -> Tensor:
+    """Mean of the rows of each segment; empty segments give zeros."""
+    counts = torch.bincount(segment_ids, minlength=n_segments).clamp_min(1).to(values.dtype)
+    return _sum_pool(values, segment_ids, n_segments) / counts.view(-1, *([1] * (values.dim() - 1)))
+
+
+POOLING: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {"sum": _sum_pool, "mean": _mean_pool}
+"""Pooling of student pieces onto teacher positions, by name (`--average_logits` selects "mean")."""
+
+
+def reduce_pool(values: Tensor, segment_ids: Tensor, n_segments: int,
+                mode: Literal["sum", "mean"] = "sum") -> Tensor:
+    """Pool rows of the student's run on the t2s sequence back onto teacher positions.
+
+    values: float [M, D] (any trailing shape works), one row per t2s piece.
+    segment_ids: int64 [M], the teacher position (0..n_segments-1) each piece came from; a teacher token
+    split into k pieces has k rows with the same id.
+    Returns values.dtype [n_segments, D]: the sum (or mean) of each segment's rows; segments without rows
+    are zero (no NaN for "mean").
+    """
+    return POOLING[mode](values, segment_ids.to(device=values.device, dtype=torch.long), n_segments)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reduce-map: scores for teacher tokens from the scores of their student pieces
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _lse_pad(dtype: torch.dtype) -> float:
+    """Pad value for logsumexp: the most negative finite number of `dtype` (exp() of it relative to any
+    real score is exactly 0; a row of pads only stays finite and gets no NaN gradient)."""
+    return torch.finfo(dtype).min
+
+
+def _extend(reduced: Tensor, mode: str) -> Tensor:
+    """[N, V_S] -> [N, V_S + 1] with the pad column: 0 for "sum", `_lse_pad` for "logsumexp"."""
+    pad = 0.0 if mode == "sum" else _lse_pad(reduced.dtype)
+    return torch.cat([reduced, reduced.new_full((reduced.shape[0], 1), pad)], dim=1)
+
+
+def _reduce_pieces(pieces: Tensor, mode: str) -> Tensor:
+    """[N, K, S] -> [N, K]: sum or logsumexp over the pieces of each teacher token."""
+    return pieces.sum(-1) if mode == "sum" else torch.logsumexp(pieces, dim=-1)
+
+
+def _rows(t2s_padded: Tensor, columns: Tensor | None) -> Tensor:
+    """The rows of `t2s_padded` that are scored, int64 [K, S]."""
+    return (t2s_padded if columns is None else t2s_padded.index_select(0, columns)).long()
+
+
+def reduce_map_matrix(t2s_padded: Tensor, n_student: int, columns: Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sparse COO [K, V_S] (dtype) counting how often student id u occurs in the split of teacher token
+    `columns[k]` (all rows of t2s_padded when `columns` is None); pad entries (== n_student) are dropped.
+    Built by `reduce_map_logits(impl="sparse")` on every call unless passed as `map_matrix`."""
+    rows = _rows(t2s_padded, columns)
+    k, slot = (rows != n_student).nonzero(as_tuple=True)
+    indices = torch.stack([k, rows[k, slot]])
+    ones = torch.ones(k.numel(), dtype=dtype, device=rows.device)
+    shape = (rows.shape[0], n_student)
+    return torch.sparse_coo_tensor(indices, ones, shape, check_invariants=False).coalesce()
+
+
+def _reduce_map_gather(reduced: Tensor, t2s_padded: Tensor, mode: str, columns: Tensor | None,
+                       **_: Tensor | None) -> Tensor:
+    """Plain advanced indexing: reduced_ext[:, t2s_padded[columns]] -> [N, K, S], reduced over S."""
+    return _reduce_pieces(_extend(reduced, mode)[:, _rows(t2s_padded, columns)], mode)
+
+
+def _inverse_for(t2s_padded: Tensor, columns: Tensor | None, s2t_padded: Tensor | None,
+                 s2t_idxs_padded: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The inverse maps re-expressed over the scored rows (positions in `columns`), int [V_S, C]."""
+    if s2t_padded is None:
+        raise ValueError("the my_index implementations need s2t_padded")
+    if columns is None:
+        return s2t_padded, s2t_idxs_padded
+    return restrict_inverse_map(s2t_padded, s2t_idxs_padded, columns, t2s_padded.shape[0])
+
+
+def _reduce_map_my_index(reduced: Tensor, t2s_padded: Tensor, mode: str, columns: Tensor | None, *,
+                         s2t_padded: Tensor | None = None, **_: Tensor | None) -> Tensor:
+    """Gather and reduction fused in `MyIndexReduce`: blocked forward, inverse-map backward, no [N, K, S]."""
+    s2t, _ = _inverse_for(t2s_padded, columns, s2t_padded, None)
+    return my_index_reduce(reduced, _rows(t2s_padded, columns), s2t, mode)
+
+
+def _reduce_map_my_index_gather(reduced: Tensor, t2s_padded: Tensor, mode: str, columns: Tensor | None, *,
+                                s2t_padded: Tensor | None = None, s2t_idxs_padded: Tensor | None = None,
+                                **_: Tensor | None) -> Tensor:
+    """As the gather implementation, with `MyIndex` (inverse-map backward) for the gather."""
+    if s2t_idxs_padded is None:
+        raise ValueError("impl='my_index_gather' needs s2t_idxs_padded")
+    s2t, idxs = _inverse_for(t2s_padded, columns, s2t_padded, s2t_idxs_padded)
+    return _reduce_pieces(my_index(_extend(reduced, mode), _rows(t2s_padded, columns), s2t, idxs), mode)
+
+
+def _reduce_map_sparse(reduced: Tensor, t2s_padded: Tensor, mode: str, columns: Tensor | None, *,
+                       map_matrix: Tensor | None = None, **_: Tensor | None) -> Tensor:
+    """Sparse product with the [K, V_S] count matrix A; never builds [N, K, S].
+
+    "sum": z = reduced @ A^T. "logsumexp": z = log(exp(reduced - m) @ A^T) + m with m the (detached) row
+    maximum of `reduced`; the product is clamped below at finfo.tiny, so a teacher token whose pieces all
+    lie more than -log(tiny) below the row maximum (about 87 in fp32, 708 in fp64), or that has no piece,
+    scores m + log(tiny) and gets no gradient. Computed in fp32 (fp64 for fp64 inputs).
+    """
+    dtype = _loss_dtype(reduced.dtype)
+    matrix = reduce_map_matrix(t2s_padded, reduced.shape[1], columns, dtype) if map_matrix is None \
+        else map_matrix.to(dtype)
+    scores = reduced.to(dtype)
+    if mode == "sum":
+        return torch.sparse.mm(matrix, scores.t()).t().to(reduced.dtype)
+    row_max = scores.detach().amax(dim=1, keepdim=True)
+    summed = torch.sparse.mm(matrix, torch.exp(scores - row_max).t()).t()
+    return (torch.log(summed.clamp_min(torch.finfo(dtype).tiny)) + row_max).to(reduced.dtype)
+
+
+REDUCE_MAP_IMPLS: dict[str, Callable[..., Tensor]] = {
+    "gather": _reduce_map_gather, "my_index": _reduce_map_my_index, "my_index_gather": _reduce_map_my_index_gather,
+    "sparse": _reduce_map_sparse}
+"""Implementations of `reduce_map_logits`, by name; all agree in value and gradient (see its docstring)."""
+
+
+def reduce_map_logits(reduced: Tensor, t2s_padded: Tensor, mode: Literal["sum", "logsumexp"] = "sum",
+                      columns: Tensor | None = None,
+                      impl: Literal["gather", "sparse", "my_index", "my_index_gather"] = "gather", *,
+                      s2t_padded: Tensor | None = None, s2t_idxs_padded: Tensor | None = None,
+                      map_matrix: Tensor | None = None) -> Tensor:
+    """Project reduced student logits onto teacher tokens through their splits.
+
+    reduced: float [N, V_S], student logits pooled onto teacher positions.
+    t2s_padded: int [V_T, S], the split of every teacher token into student ids, pad = V_S.
+    columns: int64 [K] teacher ids to score (e.g. `t2s_mapped_ids`); all V_T rows when None.
+    Returns reduced.dtype [N, K] with z(v) = sum of reduced[:, u] over the pieces u of v (pads add 0), or
+    for mode "logsumexp" z(v) = log sum_u exp(reduced[:, u]) (pads add exp(-inf) = 0).
+    A teacher token with no piece at all scores 0 for "sum"; for "logsumexp" it scores finfo(dtype).min
+    (the finite stand-in for log 0; `log S` is lost to rounding) with "gather"/"my_index", and
+    rowmax + log(finfo.tiny) with "sparse" (see `_reduce_map_sparse`), with zero gradient in both cases.
+    impl: "gather" plain autograd indexing (materialises [N, K, S] and autograd's dense scatter backward);
+    "my_index_gather" the same gather through `my_index.MyIndex`, whose backward uses the inverse maps
+    `s2t_padded` / `s2t_idxs_padded` (int [V_S, C] over teacher ids, pad V_T / 0);
+    "my_index" gather and reduction fused in `my_index.MyIndexReduce` (blocked forward that never holds
+    [N, K, S], inverse-map backward; needs `s2t_padded` only, the slots are not needed after reduction);
+    both my_index variants give the exact gradient when the inverse map is uncapped and an approximation
+    (dropped pairs contribute nothing) when it was capped;
+    "sparse" a sparse [K, V_S] product that never materialises [N, K, S] (`map_matrix` from
+    `reduce_map_matrix` may be passed to avoid rebuilding it; it must match `columns`).
+    """
+    if mode not in ("sum", "logsumexp"):
+        raise ValueError(f"unknown reduce-map mode {mode!r}")
+    return REDUCE_MAP_IMPLS[impl](reduced, t2s_padded, mode, columns, s2t_padded=s2t_padded,
+                                  s2t_idxs_padded=s2t_idxs_padded, map_matrix=map_matrix)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Match: selection of rows and columns, logits only where a loss reads them
+# ---------------------------------------------------------------------------------------------------------
+
+
+def select_rows(values: Tensor, mask: Tensor) -> Tensor:
+    """Rows at the True positions of `mask`, in row-major order.
+
+    values: [B, L, ...]; mask: bool [B, L]. Returns [M, ...] with M = mask.sum().
+    """
+    return values[mask.to(dtype=torch.bool, device=values.device)]
+
+
+def select_columns(logits: Tensor, ids: Tensor) -> Tensor:
+    """The columns `ids` (int64 [K]) of `logits` ([M, V]), in the order of `ids`: [M, K]."""
+    return logits.index_select(-1, ids.to(device=logits.device, dtype=torch.long))
+
+
+def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor | None) -> Tensor:
+    """Logits of an LM head only for the vocabulary columns that a loss reads.
+
+    hidden: float [M, D] (already through the head's transform); weight: [V, D]; bias: [V] or None;
+    columns: int64 [K] or None (all V). Returns [M, K] = hidden @ weight[columns].T + bias[columns], in the
+    dtype F.linear gives for the inputs.
+    """
+    if columns is not None:
+        columns = columns.to(device=weight.device, dtype=torch.long)
+        weight = weight.index_select(0, columns)
+        bias = None if bias is None else bias.index_select(0, columns)
+    return F.linear(hidden, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MLM: masking of the student's own tokens and its loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mlm_token_probs(counts: np.ndarray | Tensor, smoothing: float, special_ids: Sequence[int]) -> Tensor:
+    """Per-token masking weights, fp32 [V]: max(count, 1) ** (-smoothing), 0 for special tokens.
+
+    The exponent is negative (DistilBERT's frequency smoothing), so rarer tokens get larger weights.
+    counts: [V] corpus counts of the student vocabulary.
+    """
+    counts = torch.as_tensor(np.asarray(counts) if not isinstance(counts, Tensor) else counts)
+    probs = counts.to(torch.float64).clamp_min(1.0).pow(-smoothing)
+    if len(special_ids):
+        probs[torch.as_tensor(list(special_ids), dtype=torch.long)] = 0.0
+    return probs.to(torch.float32)
+
+
+def mlm_mask(input_ids: Tensor, attention_mask: Tensor, token_probs: Tensor, mask_prop: float,
+             word_mask: float, word_keep: float, word_rand: float, mask_id: int, vocab_size: int,
+             generator: torch.Generator, random_token_probs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Choose MLM targets and corrupt them, reproducibly from `generator`.
+
+    input_ids: int64 [B, L]; attention_mask: [B, L] (non-zero = real token); token_probs: float [V]
+    (`mlm_token_probs`; 0 for special tokens). Picks n = round_half_up(mask_prop * number of real tokens)
+    positions (at least 1 when a candidate exists, at most the number of candidates) by weighted sampling
+    without replacement with weight token_probs[id]; pad positions and zero-weight (special) tokens are
+    never picked. Each picked position is independently replaced by `mask_id` with probability word_mask,
+    by a random token with probability word_rand, or kept with probability word_keep (normalised to sum
+    to 1). Random tokens are drawn from ids 0..vocab_size-1 with weights `random_token_probs` (default:
+    uniform over the ids with token_probs > 0, i.e. the non-special tokens).
+    All draws use `generator` (on its own device; results are moved to input_ids.device), so the same
+    generator state gives the same result.
+    Returns (masked_ids int64 [B, L], labels int64 [B, L] = original id at targets, -100 elsewhere).
+    """
+    device = input_ids.device
+    draw_device = generator.device
+    flat_ids = input_ids.reshape(-1).to(draw_device)
+    real = attention_mask.reshape(-1).to(draw_device) != 0
+    weights = token_probs.to(device=draw_device, dtype=torch.float64)[flat_ids] * real
+    n_candidates = int((weights > 0).sum())
+    n_targets = min(n_candidates, max(math.floor(mask_prop * int(real.sum()) + 0.5), 1))
+    masked = input_ids.clone()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    if n_targets == 0:
+        return masked, labels
+    targets = torch.multinomial(weights, n_targets, replacement=False, generator=generator)
+    choice = torch.rand(n_targets, generator=generator, device=draw_device, dtype=torch.float64)
+    total = word_mask + word_rand + word_keep
+    if random_token_probs is None:
+        random_token_probs = (token_probs[:vocab_size] > 0).to(torch.float64)
+    random_ids = torch.multinomial(random_token_probs.to(device=draw_device, dtype=torch.float64)[:vocab_size],
+                                   n_targets, replacement=True, generator=generator)
+    original = flat_ids[targets]
+    new_ids = torch.where(choice < word_mask / total, torch.full_like(original, mask_id),
+                          torch.where(choice < (word_mask + word_rand) / total, random_ids, original))
+    targets, original, new_ids = targets.to(device), original.to(device), new_ids.to(device)
+    labels.view(-1)[targets] = original
+    masked.view(-1)[targets] = new_ids
+    return masked, labels
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of the student's MLM predictions, 0-dim fp32 (fp64 for fp64 logits).
+
+    logits: float [K, V] at the target positions; labels: int64 [K] (entries equal to -100 are ignored).
+    K == 0 (or no valid label) gives a zero connected to `logits`.
+    """
+    if logits.shape[0] == 0:
+        return _connected_zero(logits)
+    total = F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), labels, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)

@@ -1,0 +1,411 @@
+"""`Distiller`: the training loop only (devices, DDP, accumulation, schedules, validation, logging,
+checkpoints, resume, export). What is computed in a step lives in `step_runner.py` and `custom_step.py`.
+
+Schedule: AdamW; the learning rate is base_lr x warm-up factor (linear from 0 over the first
+`warmup_prop` of the planned updates, then 1) x plateau factor (`PlateauScaler`: multiplied by
+`reduce_factor` when the validation loss stops improving, as torch's ReduceLROnPlateau). Checkpoints hold
+the full state (model, optimizer, scaler, schedules, sampler position, counters and every rank's RNG
+states) and are written atomically, so `--load_from_checkpoint` continues exactly where a run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from custom_step import mlm_mask
+from errors import UserError
+from fsutil import atomic_write_json, staged_dir, temp_sibling
+from grouped_batch_sampler import GroupedBatchSampler
+from lm_seqs_dataset import Collator, LmSeqsDataset
+from step_runner import KLPlan, StudentRunner, combine_losses, teacher_logits
+from utils import DistInfo, memory_mb, param_digest, rng_state, set_rng_state
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 3
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PlateauScaler:
+    """ReduceLROnPlateau as a multiplicative factor (so it composes with warm-up): relative threshold,
+    patience and cooldown counted in validations, and a floor `min_lr` on base_lr x factor."""
+
+    def __init__(self, base_lr: float, factor: float = 0.5, patience: int = 3, cooldown: int = 3,
+                 threshold: float = 1e-2, min_lr: float = 1e-6):
+        self.base_lr, self.factor, self.patience = base_lr, factor, patience
+        self.cooldown, self.threshold, self.min_lr = cooldown, threshold, min_lr
+        self.scale, self.best, self.bad, self.cooldown_left = 1.0, math.inf, 0, 0
+
+    def step(self, value: float) -> bool:
+        """Record a validation loss; returns True when the factor was reduced."""
+        if value < self.best * (1 - self.threshold):
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.bad = 0
+        if self.bad > self.patience:
+            new = max(self.scale * self.factor, self.min_lr / self.base_lr)
+            reduced = new < self.scale
+            self.scale, self.cooldown_left, self.bad = new, self.cooldown, 0
+            return reduced
+        return False
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad": self.bad, "cooldown_left": self.cooldown_left}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.best = state["scale"], state["best"]
+        self.bad, self.cooldown_left = state["bad"], state["cooldown_left"]
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint restores."""
+
+    global_step: int = 0
+    epoch: int = 0
+    best_valid: float = math.inf
+    bad_validations: int = 0
+    last_checkpoint: str | None = None
+    history: list = field(default_factory=list)
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.98); no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=eps)
+
+
+class Distiller:
+    """Runs the training loop of `StudentRunner` (optionally against a teacher) on sharded data."""
+
+    def __init__(self, args, dist_info: DistInfo, runner: StudentRunner, teacher: nn.Module | None,
+                 train_data: LmSeqsDataset, valid_data: LmSeqsDataset, collator: Collator,
+                 token_probs: torch.Tensor | None, special: dict[str, int], tokenizer, logger, writer=None):
+        self.args, self.dist, self.logger, self.writer = args, dist_info, logger, writer
+        self.device = dist_info.device
+        self.tokenizer, self.special = tokenizer, special
+        self.kl: KLPlan | None = runner.kl.to(self.device) if runner.kl is not None else None
+        runner.kl = self.kl
+        self.runner = runner.to(self.device)
+        self.model: nn.Module = self.runner
+        if dist_info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.runner, device_ids=ids)
+        self.teacher = teacher.to(self.device).eval() if teacher is not None else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+        self.train_data, self.valid_data, self.collator = train_data, valid_data, collator
+        self.token_probs = token_probs
+        self.amp_dtype = PRECISIONS[args.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
+        self.optimizer = build_optimizer(self.runner, args.learning_rate, args.weight_decay, args.adam_epsilon)
+        self.sampler = self._sampler(train_data, shuffle_seed=args.seed)
+        self.steps_per_epoch = len(self.sampler) // args.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(self.sampler)} batches per epoch are fewer than --gradient_accumulation_steps "
+                            f"{args.gradient_accumulation_steps}; use more data or smaller --batch_size")
+        planned = self.steps_per_epoch * args.n_epoch
+        self.total_steps = min(planned, args.max_steps) if args.max_steps else planned
+        self.warmup_steps = math.ceil(args.warmup_prop * self.total_steps)
+        self.plateau = PlateauScaler(args.learning_rate, factor=args.reduce_factor)
+        self.state = TrainState()
+        self.generator = torch.Generator().manual_seed(args.seed * 1000 + dist_info.rank)
+        self.dump = Path(args.dump_path)
+        self.rank_checksums: list[str] = []
+        self._set_lr()
+
+    # ----- data ---------------------------------------------------------------------------------------
+    def _sampler(self, data: LmSeqsDataset, shuffle_seed: int) -> GroupedBatchSampler:
+        """Batches of this rank's shards: every rank gets the smallest count (so that the processes stay in step),
+        rounded down to whole updates (no gradient is carried across epochs)."""
+        lengths = np.maximum(data.lengths("teacher"), data.lengths("student"))
+        sampler = GroupedBatchSampler(lengths, self.args.batch_size, group_by_size=self.args.group_by_size,
+                                      seed=shuffle_seed)
+        n = torch.tensor(len(sampler), device=self.device)
+        if self.dist.distributed:
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        accum = self.args.gradient_accumulation_steps
+        return GroupedBatchSampler(lengths, self.args.batch_size, group_by_size=self.args.group_by_size,
+                                   seed=shuffle_seed, num_batches=int(n.item()) // accum * accum)
+
+    def _batch(self, data: LmSeqsDataset, indices) -> dict[str, torch.Tensor]:
+        batch = self.collator(data.gather(indices), with_t2s=self.kl is not None and self.kl.needs_t2s)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        if self.token_probs is None:
+            return batch["s_ids"], torch.full_like(batch["s_ids"], -100)
+        a = self.args
+        return mlm_mask(batch["s_ids"], batch["s_mask"], self.token_probs, a.mlm_mask_prop, a.word_mask, a.word_keep,
+                        a.word_rand, self.special["mask"], self.token_probs.numel(), generator)
+
+    # ----- one step -----------------------------------------------------------------------------------
+    def _losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        masked, labels = self._mask(batch, generator)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        with autocast:
+            student_out = self.model(batch, masked, labels)
+            t_logits = teacher_logits(self.teacher, batch, self.kl) if self.kl is not None else None
+        if t_logits is not None and t_logits.shape[0] != student_out["kl_student"].shape[0]:
+            raise UserError(f"{t_logits.shape[0]} teacher rows but {student_out['kl_student'].shape[0]} student rows "
+                            "are aligned in a batch: the match masks of the shards are inconsistent; re-run "
+                            "find_matching_ids.py")
+        alphas = {"ce": self.args.alpha_ce, "mlm": self.args.alpha_mlm}
+        return combine_losses(student_out, t_logits, self.kl, alphas)
+
+    def _set_lr(self) -> float:
+        step = self.state.global_step
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        lr = self.args.learning_rate * warm * self.plateau.scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _optimizer_step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.runner.parameters(), self.args.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        self._set_lr()
+        return float(norm)
+
+    # ----- loop ---------------------------------------------------------------------------------------
+    def train(self) -> TrainState:
+        """Train until n_epoch epochs, max_steps updates or the validation patience runs out."""
+        a = self.args
+        accum = a.gradient_accumulation_steps
+        progress = self._progress()
+        sums: dict[str, float] = {}
+        tokens, t_last, stop = 0, time.perf_counter(), False
+        while self.state.epoch < a.n_epoch and not stop:
+            if self.sampler.state_dict()["batches_done"] == 0:
+                self.sampler.set_epoch(self.state.epoch)
+            micro, nonfinite = 0, torch.zeros((), device=self.device)
+            self.runner.train()
+            for indices in self.sampler:
+                batch = self._batch(self.train_data, indices)
+                micro += 1
+                sync = micro % accum == 0
+                ctx = self.model.no_sync() if self.dist.distributed and not sync else nullcontext()
+                with ctx:
+                    total, losses = self._losses(batch, self.generator)
+                    self.scaler.scale(total / accum).backward()
+                nonfinite += (~torch.isfinite(total.detach())).float()
+                for name, value in {"loss": total, **losses}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / accum
+                tokens += int(batch["s_mask"].sum())
+                if not sync:
+                    continue
+                if self.dist.distributed:
+                    dist.all_reduce(nonfinite)
+                if nonfinite.item() > 0:
+                    self._fail_nonfinite()
+                grad_norm = self._optimizer_step()
+                step = self.state.global_step
+                if progress is not None:
+                    progress.update(1)
+                if step % a.log_interval == 0:
+                    elapsed = time.perf_counter() - t_last
+                    self._log_train(sums, a.log_interval, grad_norm, tokens / max(elapsed, 1e-9))
+                    sums, tokens, t_last = {}, 0, time.perf_counter()
+                if step % a.checkpoint_interval == 0 or step == self.total_steps:
+                    stop = self._validate_and_save()
+                if step >= self.total_steps or stop:
+                    stop = True
+                    break
+            if not stop:
+                self.state.epoch += 1
+                self.sampler.set_epoch(self.state.epoch)
+                if self.state.global_step % a.checkpoint_interval != 0:
+                    stop = self._validate_and_save()
+        if progress is not None:
+            progress.close()
+        self.rank_checksums = self._gather(param_digest(self.runner))
+        if self.dist.is_master:
+            if len(set(self.rank_checksums)) > 1:
+                self.logger.warning("the processes ended with different weights: gradient synchronisation failed")
+            self.export(self.dump)
+        return self.state
+
+    def _fail_nonfinite(self) -> None:
+        raise UserError(f"the loss became NaN/inf at update {self.state.global_step + 1}; training stopped. The last "
+                        f"good checkpoint is {self.state.last_checkpoint or '(none yet)'}; lower --learning_rate, "
+                        "raise --warmup_prop or use --precision fp32, then resume with --load_from_checkpoint")
+
+    def _progress(self):
+        if not self.dist.is_master:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state.global_step, desc="distil", unit="step",
+                    dynamic_ncols=True, disable=os.environ.get("RVKD_NO_TQDM") == "1")
+
+    # ----- validation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean total loss over this process's validation data (averaged over ranks), in eval mode, with a
+        fixed masking seed so that validations are comparable."""
+        self.runner.eval()
+        generator = torch.Generator().manual_seed(self.args.seed + 7919 * (self.dist.rank + 1))
+        lengths = np.maximum(self.valid_data.lengths("teacher"), self.valid_data.lengths("student"))
+        order = np.argsort(lengths, kind="stable")
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(0, len(order), self.args.batch_size):
+            batch = self._batch(self.valid_data, order[start:start + self.args.batch_size])
+            masked, labels = self._mask(batch, generator)
+            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+            with autocast:
+                out = self.runner(batch, masked, labels)
+                t_logits = teacher_logits(self.teacher, batch, self.kl) if self.kl is not None else None
+            total, _ = combine_losses(out, t_logits, self.kl, {"ce": self.args.alpha_ce, "mlm": self.args.alpha_mlm})
+            sums += torch.tensor([float(total), 1.0], dtype=torch.float64, device=self.device)
+        if self.dist.distributed:
+            dist.all_reduce(sums)
+        self.runner.train()
+        return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
+
+    def _validate_and_save(self) -> bool:
+        """Validate, update the plateau schedule, best model and patience, checkpoint; True = stop."""
+        value = self.validate()
+        step = self.state.global_step
+        reduced = self.plateau.step(value) if math.isfinite(value) else False
+        self._set_lr()
+        improved = value < self.state.best_valid
+        if improved:
+            self.state.best_valid, self.state.bad_validations = value, 0
+        else:
+            self.state.bad_validations += 1
+        self.state.history.append({"step": step, "epoch": self.state.epoch, "valid_loss": value,
+                                   "lr_scale": self.plateau.scale})
+        if self.dist.is_master:
+            self.logger.info(f"step {step}: valid loss {value:.5f}{' (best)' if improved else ''}"
+                             f"{'; learning rate reduced' if reduced else ''}")
+            if self.writer is not None:
+                self.writer.add_scalar("valid/loss", value, step)
+            if improved:
+                self.export(self.dump / "best")
+        self.save_checkpoint()
+        patience = self.args.valid_epochs_patience
+        if patience and self.state.bad_validations >= patience:
+            if self.dist.is_master:
+                self.logger.info(f"no validation improvement for {patience} validations: stopping")
+            return True
+        return False
+
+    # ----- logging ------------------------------------------------------------------------------------
+    def _log_train(self, sums: dict[str, float], n_steps: int, grad_norm: float, tokens_per_s: float) -> None:
+        world = self.dist.world_size
+        scalars = {f"train/{k}": v / n_steps for k, v in sums.items()}
+        scalars.update({"train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                        "train/tokens_per_s": tokens_per_s * world,
+                        **{f"memory/{k}": v for k, v in memory_mb(self.device).items()}})
+        if self.dist.is_master:
+            step = self.state.global_step
+            if self.writer is not None:
+                for name, value in scalars.items():
+                    self.writer.add_scalar(name, value, step)
+            self.logger.info(f"step {step}: " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in scalars.items()))
+
+    # ----- checkpoints --------------------------------------------------------------------------------
+    def _gather(self, obj):
+        if not self.dist.distributed:
+            return [obj]
+        out = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save_checkpoint(self) -> Path:
+        """Write the full training state to dump_path/checkpoints/<step>/ atomically (rank 0 writes)."""
+        rngs = self._gather(rng_state())
+        generators = self._gather(self.generator.get_state())
+        final = self.dump / CHECKPOINTS / str(self.state.global_step)
+        if self.dist.is_master:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with staged_dir(final) as tmp:
+                save_model(self.runner, str(tmp / "model.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                self.state.last_checkpoint = str(final)
+                torch.save({"sampler": self.sampler.state_dict(), "plateau": self.plateau.state_dict(),
+                            "grad_scaler": self.scaler.state_dict(), "rng": rngs, "mlm_generator": generators,
+                            "state": json.dumps(vars(self.state)), "world_size": self.dist.world_size},
+                           tmp / "trainer_state.pt")
+                atomic_write_json(tmp / "state.json", {**vars(self.state), "world_size": self.dist.world_size})
+            for old in sorted((p for p in final.parent.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))[
+                    :-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old)
+        else:
+            self.state.last_checkpoint = str(final)
+        if self.dist.distributed:
+            dist.barrier()
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore everything `save_checkpoint` wrote; the run continues exactly where it stopped."""
+        path = resolve_checkpoint(path)
+        try:
+            load_model(self.runner, str(path / "model.safetensors"), device=str(self.device))
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
+                                                      weights_only=True))
+            blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise UserError(f"cannot resume from checkpoint {path}: {str(err).splitlines()[0]}; pass a complete "
+                            "checkpoint directory (dump_path/checkpoints/<step>)") from err
+        if blob["world_size"] != self.dist.world_size:
+            raise UserError(f"checkpoint {path} was written by {blob['world_size']} processes, this run has "
+                            f"{self.dist.world_size}; resume with the same number of processes")
+        self.sampler.load_state_dict(blob["sampler"])
+        self.plateau.load_state_dict(blob["plateau"])
+        self.scaler.load_state_dict(blob["grad_scaler"])
+        set_rng_state(blob["rng"][self.dist.rank])
+        self.generator.set_state(blob["mlm_generator"][self.dist.rank])
+        self.state = TrainState(**json.loads(blob["state"]))
+        self._set_lr()
+
+    def export(self, directory: Path) -> None:
+        """Save the student as an HF model directory (config, safetensors, tokenizer files, vocab.txt)."""
+        from tokenizer_utils import write_vocab_txt
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(directory / ".export")
+        try:
+            self.runner.student.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            write_vocab_txt(self.tokenizer, tmp)
+            for item in tmp.iterdir():
+                os.replace(item, directory / item.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a dump_path."""
+    path = Path(path)
+    if (path / "trainer_state.pt").is_file():
+        return path
+    root = path / CHECKPOINTS
+    steps = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if root.is_dir() else []
+    if not steps:
+        raise UserError(f"--load_from_checkpoint {path} is neither a checkpoint (no trainer_state.pt) nor a dump_path "
+                        "with checkpoints/; pass dump_path/checkpoints/<step>")
+    return steps[-1]
