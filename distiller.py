@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -164,7 +165,8 @@ class Distiller:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with autocast:
             student_out = self.model(batch, masked, labels)
-            t_logits = teacher_logits(self.teacher, batch, self.kl) if self.kl is not None else None
+            t_logits = (teacher_logits(self.teacher, batch, self.kl, masked, labels)
+                        if self.kl is not None else None)
         if t_logits is not None and t_logits.shape[0] != student_out["kl_student"].shape[0]:
             raise UserError(f"{t_logits.shape[0]} teacher rows but {student_out['kl_student'].shape[0]} student rows "
                             "are aligned in a batch: the match masks of the shards are inconsistent; re-run "
@@ -277,7 +279,8 @@ class Distiller:
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
             with autocast:
                 out = self.runner(batch, masked, labels)
-                t_logits = teacher_logits(self.teacher, batch, self.kl) if self.kl is not None else None
+                t_logits = (teacher_logits(self.teacher, batch, self.kl, masked, labels)
+                            if self.kl is not None else None)
             total, _ = combine_losses(out, t_logits, self.kl, {"ce": self.args.alpha_ce, "mlm": self.args.alpha_mlm})
             sums += torch.tensor([float(total), 1.0], dtype=torch.float64, device=self.device)
         if self.dist.distributed:
@@ -368,7 +371,7 @@ class Distiller:
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
                                                       weights_only=True))
             blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, KeyError, ValueError) as err:
+        except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as err:
             raise UserError(f"cannot resume from checkpoint {path}: {str(err).splitlines()[0]}; pass a complete "
                             "checkpoint directory (dump_path/checkpoints/<step>)") from err
         if blob["world_size"] != self.dist.world_size:

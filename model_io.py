@@ -8,9 +8,17 @@ from pathlib import Path
 from errors import UserError
 
 
+def _quiet_transformers() -> None:
+    """Offline mode and no per-load progress bars (our logs and tqdm bars say what happens)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_teacher(path: str | os.PathLike):
     """A BertForMaskedLM with its MLM head; a one-line error when the directory lacks weights or the head."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_transformers()
     from transformers import AutoModelForMaskedLM
 
     try:
@@ -43,7 +51,7 @@ def load_student(config_dir: str | os.PathLike, weights: str | os.PathLike | Non
                  attn_implementation: str | None = None):
     """An AutoModelForMaskedLM built from `config_dir/config.json`, initialised from `weights` (an HF
     directory or a state-dict file) or randomly when `weights` is None."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_transformers()
     from transformers import AutoConfig, AutoModelForMaskedLM
 
     config_path = Path(config_dir) / "config.json"

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from custom_step import IGNORE_INDEX, kl_div_loss, lm_head_logits, mlm_loss, reduce_map_logits, reduce_pool
 from errors import UserError
 
-ALIGNMENTS = ("match", "reduce", "reduce_map")
+ALIGNMENTS = ("match", "reduce", "reduce_map", "shared")
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -46,14 +46,16 @@ class KLPlan:
     """What the KL term compares.
 
     align: "match" (matched positions x matched columns), "reduce" (t2s pass pooled onto teacher positions,
-    matched columns) or "reduce_map" (t2s pass pooled, all student columns mapped onto teacher tokens).
-    s_columns: int64 [K] student columns (None = all, for reduce_map); t_columns: int64 [K'] teacher columns
-    (matched ids, or `t2s_mapped_ids` for reduce_map); t2s_padded: int64 [V_T, S] (reduce_map only).
+    matched columns), "reduce_map" (t2s pass pooled, all student columns mapped onto teacher tokens) or
+    "shared" (one vocabulary: teacher and student read the same masked ids; every non-pad position, or
+    only the MLM targets with `restrict_to_mask`, over all columns).
+    s_columns: int64 [K] student columns (None = all); t_columns: int64 [K'] teacher columns (matched ids,
+    `t2s_mapped_ids` for reduce_map, None = all); t2s_padded: int64 [V_T, S] (reduce_map only).
     """
 
     align: str
     temperature: float
-    t_columns: Tensor
+    t_columns: Tensor | None = None
     s_columns: Tensor | None = None
     average: bool = False
     t2s_padded: Tensor | None = None
@@ -62,13 +64,16 @@ class KLPlan:
     s2t_padded: Tensor | None = None
     s2t_idxs_padded: Tensor | None = None
     map_matrix: Tensor | None = None
+    restrict_to_mask: bool = False
 
     @property
     def needs_t2s(self) -> bool:
         return self.align in ("reduce", "reduce_map")
 
-    def teacher_rows(self, batch: dict[str, Tensor]) -> Tensor:
-        """bool [B, Lt]: the teacher positions the KL reads."""
+    def teacher_rows(self, batch: dict[str, Tensor], labels: Tensor | None = None) -> Tensor:
+        """bool [B, L]: the teacher positions the KL reads (`labels` [B, L]: the MLM targets, shared only)."""
+        if self.align == "shared":
+            return labels != IGNORE_INDEX if self.restrict_to_mask else batch["s_mask"]
         return batch["t_match"] if self.align == "match" else batch["t_mask"]
 
     def to(self, device: torch.device) -> KLPlan:
@@ -100,6 +105,8 @@ class StudentRunner(nn.Module):
         out: dict[str, Tensor] = {}
         encoder = base_model(self.student)
         kl = self.kl
+        if kl is not None and kl.align == "shared":
+            return self._shared(batch, masked_ids, labels)
         if self.mlm or (kl is not None and kl.align == "match"):
             hidden = encoder(input_ids=masked_ids, attention_mask=batch["s_mask"]).last_hidden_state
             if self.mlm:
@@ -121,13 +128,33 @@ class StudentRunner(nn.Module):
             out["kl_student"] = pooled
         return out
 
+    def _shared(self, batch: dict[str, Tensor], masked_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """One vocabulary: one pass; the full-vocabulary logits of the KL rows also serve the MLM targets
+        (a subset of them), so the output layer runs once per row."""
+        hidden = base_model(self.student)(input_ids=masked_ids, attention_mask=batch["s_mask"]).last_hidden_state
+        rows = self.kl.teacher_rows(batch, labels)
+        logits = self._logits(hidden[rows], None)
+        out = {"kl_student": logits}
+        if self.mlm:
+            row_labels = labels[rows]
+            targets = row_labels != IGNORE_INDEX
+            out["mlm_logits"], out["mlm_labels"] = logits[targets], row_labels[targets]
+        return out
+
 
 @torch.no_grad()
-def teacher_logits(teacher: nn.Module, batch: dict[str, Tensor], kl: KLPlan) -> Tensor:
-    """[N, K'] teacher logits at `kl.teacher_rows(batch)` over `kl.t_columns` (no gradient)."""
-    hidden = base_model(teacher)(input_ids=batch["t_ids"], attention_mask=batch["t_mask"]).last_hidden_state
+def teacher_logits(teacher: nn.Module, batch: dict[str, Tensor], kl: KLPlan, masked_ids: Tensor | None = None,
+                   labels: Tensor | None = None) -> Tensor:
+    """[N, K'] teacher logits at `kl.teacher_rows(batch, labels)` over `kl.t_columns` (no gradient). With a
+    shared vocabulary the teacher reads the student's masked ids [B, L], as in DistilBERT."""
+    if kl.align == "shared":
+        ids, mask = masked_ids, batch["s_mask"]
+    else:
+        ids, mask = batch["t_ids"], batch["t_mask"]
+    hidden = base_model(teacher)(input_ids=ids, attention_mask=mask).last_hidden_state
     weight, bias = output_layer(teacher)
-    return lm_head_logits(head_transform(teacher)(hidden[kl.teacher_rows(batch)]), weight, bias, kl.t_columns)
+    rows = kl.teacher_rows(batch, labels)
+    return lm_head_logits(head_transform(teacher)(hidden[rows]), weight, bias, kl.t_columns)
 
 
 def combine_losses(student_out: dict[str, Tensor], t_logits: Tensor | None, kl: KLPlan | None,

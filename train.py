@@ -11,6 +11,10 @@ Logit alignment (`--align_logits`):
   becomes reduce-map: KL over every mapped teacher token, scored as the sum of its pieces' logits (or
   their logsumexp with `--sum_probs`); `--s2t_vocab_padded/--s2t_idxs_padded` select the `my_index`
   implementation.
+- shared vocabulary (the teacher's and the student's tokenizers are identical, e.g. the pipeline run with
+  `--student_tokenizer TEACHER_DIR`): recognised automatically, `--align_logits` and the maps are not
+  needed; as in DistilBERT both models read the same masked ids and the KL covers every non-pad position
+  (only the MLM targets with `--restrict_ce_to_mask`) over the whole vocabulary.
 Without `--teacher_name` only the MLM loss is trained (the no-distillation baseline, or pretraining).
 """
 
@@ -70,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--word_rand", type=float, default=0.1, help="share of targets replaced by a random token")
     g.add_argument("--mlm_smoothing", type=float, default=0.7,
                    help="masking probability ~ count^(-mlm_smoothing): rarer tokens are masked more often")
+    g.add_argument("--restrict_ce_to_mask", action="store_true",
+                   help="shared vocabulary: KL only at the MLM targets instead of every non-pad position")
 
     g = p.add_argument_group("alignment")
     g.add_argument("--align_logits", choices=ALIGN_CHOICES, default="match", help="see the module docstring")
@@ -100,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid_epochs_patience", type=int, default=0,
                    help="stop after this many validations without improvement (0: never)")
     g.add_argument("--reduce_factor", type=float, default=0.5, help="learning-rate factor on a plateau")
+    g.add_argument("--freeze_pos_embs", action="store_true", help="do not train the student's position embeddings")
+    g.add_argument("--freeze_token_type_embds", action="store_true",
+                   help="do not train the student's token-type embeddings (BERT students)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
@@ -125,7 +134,11 @@ def validate_args(a: argparse.Namespace) -> None:
     for flag in ("batch_size", "gradient_accumulation_steps", "n_epoch", "log_interval", "checkpoint_interval"):
         if getattr(a, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    if a.alpha_ce > 0:
+    a.shared_vocab = bool(a.teacher_name) and shared_vocabulary(a.teacher_name, a.student_name)
+    if a.restrict_ce_to_mask and not a.shared_vocab:
+        raise UserError("--restrict_ce_to_mask needs a teacher with the student's vocabulary (shared-vocabulary "
+                        "distillation); with different vocabularies --align_logits chooses the positions")
+    if a.alpha_ce > 0 and not a.shared_vocab:
         reduce_map = a.align_logits == "reduce" and a.t2s_vocab_padded
         if not reduce_map and not a.matching_ids:
             raise UserError(f"--align_logits {a.align_logits} needs --matching_ids (matched_vocab.json)")
@@ -146,6 +159,29 @@ def validate_args(a: argparse.Namespace) -> None:
             raise UserError(f"--{flag} {getattr(a, flag)} is not a directory")
 
 
+def shared_vocabulary(teacher_name: str, student_name: str) -> bool:
+    """True when the teacher's and the student's tokenizers are the same (same vocabulary and rules)."""
+    from tokenizer_utils import fingerprint, load_tokenizer
+
+    for flag, path in (("--teacher_name", teacher_name), ("--student_name", student_name)):
+        if not Path(path).is_dir():
+            raise UserError(f"{flag} {path} is not a directory")
+    return fingerprint(load_tokenizer(teacher_name, "teacher")) == fingerprint(load_tokenizer(student_name, "student"))
+
+
+def freeze_embeddings(student, positions: bool, token_types: bool) -> None:
+    """Stop training the student's position and/or token-type embeddings (DistilBERT's options)."""
+    embeddings = student.base_model.embeddings
+    for wanted, attr, flag in ((positions, "position_embeddings", "--freeze_pos_embs"),
+                               (token_types, "token_type_embeddings", "--freeze_token_type_embds")):
+        if not wanted:
+            continue
+        module = getattr(embeddings, attr, None)
+        if module is None:
+            raise UserError(f"{flag}: the student ({student.config.model_type}) has no {attr}")
+        module.weight.requires_grad_(False)
+
+
 def build_kl_plan(a: argparse.Namespace, n_teacher: int, n_student: int, fingerprints: dict[str, str]):
     """The KLPlan for the arguments, or None without distillation."""
     import torch
@@ -154,6 +190,8 @@ def build_kl_plan(a: argparse.Namespace, n_teacher: int, n_student: int, fingerp
 
     if a.alpha_ce == 0:
         return None, None
+    if a.shared_vocab:
+        return KLPlan("shared", a.temperature, restrict_to_mask=a.restrict_ce_to_mask), None
     t2s_input = None
     if a.align_logits == "reduce":
         meta = load_teacher2student(a.t2s_mapping)
@@ -251,6 +289,7 @@ def run(a: argparse.Namespace) -> int:
         if len(train_data) == 0:
             raise UserError(f"no training sequences in {a.binarized_data_folder} for this process")
         student = load_student(a.student_name, a.student_pretrained_weights)
+        freeze_embeddings(student, a.freeze_pos_embs, a.freeze_token_type_embds)
         if student.config.vocab_size != n_student:
             raise UserError(f"student config vocab_size {student.config.vocab_size} != tokenizer size {n_student}")
         teacher = load_teacher(a.teacher_name) if a.teacher_name else None
@@ -259,7 +298,7 @@ def run(a: argparse.Namespace) -> int:
                             f"{n_teacher}")
         s_special = {role: s_tok.convert_tokens_to_ids(tok) for role, tok in special_tokens(s_tok).items()}
         token_probs = None
-        if a.alpha_mlm > 0:
+        if a.alpha_mlm > 0 or (kl is not None and kl.align == "shared"):
             counts = load_counts(a.student_token_counts, n_student) if a.student_token_counts else np.ones(n_student)
             token_probs = mlm_token_probs(counts, a.mlm_smoothing, sorted({int(i) for i in s_tok.all_special_ids}))
         t_pad = t_tok.pad_token_id if t_tok is not None else 0

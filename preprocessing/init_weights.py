@@ -1,9 +1,11 @@
 """Step 8: initialise the student from the teacher (an HF model directory, `student_init/`).
 
-- Transformer layers: the teacher's L_T layers are cut into L_S consecutive groups (12 -> 3: four each;
-  4 -> 3: 2, 1, 1) and every parameter of student layer k is the mean of that parameter over group k,
-  truncated to the student's shape (the top-left block). Works for any L_S <= L_T and hidden sizes up
-  to the teacher's.
+- Transformer layers, `--init_strategy average` (default): the teacher's L_T layers are cut into L_S
+  consecutive groups (12 -> 3: four each; 4 -> 3: 2, 1, 1) and every parameter of student layer k is the
+  mean of that parameter over group k, truncated to the student's shape (the top-left block). Works for
+  any L_S <= L_T and hidden sizes up to the teacher's. `--init_strategy select` copies chosen teacher
+  layers instead, as DistilBERT's extraction does (`--layers 0,2,4,7,9,11`; default: L_S layers evenly
+  spread from the first to the last).
 - Vocabulary mapping: the student embedding (and output-layer row and bias) of a student token u is the
   mean of the teacher rows of the teacher tokens whose split contains u (special tokens map to
   themselves), truncated to the student's width. A student token no teacher split contains is split
@@ -91,6 +93,23 @@ def layer_groups(n_teacher: int, n_student: int) -> list[np.ndarray]:
     return np.array_split(np.arange(n_teacher), n_student)
 
 
+def selected_layers(n_teacher: int, n_student: int, layers: list[int] | None) -> list[np.ndarray]:
+    """One teacher layer per student layer: `layers`, or L_S indices evenly spread over 0..L_T-1."""
+    if layers is None:
+        layer_groups(n_teacher, n_student)  # the same layer-count check as `average`
+        layers = np.linspace(0, n_teacher - 1, n_student).round().astype(int).tolist()
+    if len(layers) != n_student or len(set(layers)) != len(layers) or not all(0 <= i < n_teacher for i in layers):
+        raise UserError(f"--layers {','.join(map(str, layers))} must name {n_student} distinct teacher layers "
+                        f"(0..{n_teacher - 1}), one per student layer")
+    return [np.array([i]) for i in layers]
+
+
+INIT_STRATEGIES = {
+    "average": lambda n_teacher, n_student, layers: layer_groups(n_teacher, n_student),
+    "select": selected_layers,
+}
+
+
 def truncate(tensor, shape):
     """Top-left block of `tensor` with `shape`."""
     if any(s > t for s, t in zip(shape, tensor.shape)):
@@ -124,9 +143,10 @@ def vocab_mapping(t_vocab: list[str], s_vocab: list[str], splits: list[list[int]
     return sparse.csr_matrix((weights, (rows_a, cols_a)), shape=(len(s_vocab), len(t_vocab)))
 
 
-def init_student(teacher, student, mapping, vocab_transform: bool = True) -> dict:
+def init_student(teacher, student, mapping, vocab_transform: bool = True, strategy: str = "average",
+                 layers: list[int] | None = None) -> dict:
     """Overwrite `student`'s parameters in place from `teacher`; `mapping` is the [V_S, V_T] CSR or None
-    (equal vocabularies). Returns what was initialised."""
+    (equal vocabularies); `strategy` names an entry of INIT_STRATEGIES. Returns what was initialised."""
     import torch
 
     t_names, s_names = NAMES["bert"], NAMES[student.config.model_type]
@@ -138,7 +158,9 @@ def init_student(teacher, student, mapping, vocab_transform: bool = True) -> dic
         s_state[name].copy_(value.to(s_state[name].dtype))
         done[name] = tuple(s_state[name].shape)
 
-    groups = layer_groups(n_layers(teacher.config), n_layers(student.config))
+    if strategy == "average" and layers is not None:
+        raise UserError("--layers goes with --init_strategy select")
+    groups = INIT_STRATEGIES[strategy](n_layers(teacher.config), n_layers(student.config), layers)
     with torch.no_grad():
         for k, group in enumerate(groups):
             for role, t_name in t_names["layer_map"].items():
@@ -165,7 +187,8 @@ def init_student(teacher, student, mapping, vocab_transform: bool = True) -> dic
 
 
 def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None = None,
-        vocab_transform: bool = True, seed: int = 42, force: bool = False) -> dict:
+        vocab_transform: bool = True, seed: int = 42, force: bool = False, strategy: str = "average",
+        layers: list[int] | None = None) -> dict:
     """Build and save the initialised student; returns statistics."""
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM
@@ -188,19 +211,19 @@ def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None 
         if teacher.config.vocab_size != len(pair.t_vocab):
             raise UserError(f"teacher model vocab_size {teacher.config.vocab_size} != teacher tokenizer size "
                             f"{len(pair.t_vocab)} in {teacher_name}; the model and tokenizer do not belong together")
-        if t2s_mapping is not None:
+        if pair.t_vocab == pair.s_vocab:
+            mapping = None
+        elif t2s_mapping is not None:
             meta = load_teacher2student(t2s_mapping)
             check_fingerprints(meta["fingerprints"], pair.fingerprints, t2s_mapping)
             mapping = vocab_mapping(pair.t_vocab, pair.s_vocab, meta["splits"], set(pair.teacher.all_special_tokens),
                                     pair.t_special["unk"], pair.s_unk_id)
-        elif pair.t_vocab != pair.s_vocab:
+        else:
             raise UserError("the student vocabulary differs from the teacher's; pass --t2s_mapping "
                             "teacher2student.json")
-        else:
-            mapping = None
         torch.manual_seed(seed)
         student = AutoModelForMaskedLM.from_config(config)
-        info = init_student(teacher, student, mapping, vocab_transform)
+        info = init_student(teacher, student, mapping, vocab_transform, strategy, layers)
         with staged_dir(out_dir) as tmp:
             student.save_pretrained(str(tmp))
             pair.student.save_pretrained(str(tmp))
@@ -213,6 +236,21 @@ def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None 
     return stats
 
 
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--layers {text!r} is not a comma-separated list of integers") from err
+
+
+def add_layer_args(p: argparse.ArgumentParser) -> None:
+    """--init_strategy and --layers (shared with run_pipeline.py)."""
+    p.add_argument("--init_strategy", choices=tuple(INIT_STRATEGIES), default="average",
+                   help="student layer k = mean of a group of teacher layers, or a copy of one selected layer")
+    p.add_argument("--layers", type=parse_layers,
+                   help="with --init_strategy select: the teacher layers to copy, e.g. 0,2,4,7,9,11")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher_name", required=True, help="teacher directory (BertForMaskedLM + tokenizer)")
@@ -221,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--t2s_mapping", help="teacher2student.json from step 2 (omit for equal vocabularies)")
     p.add_argument("--vocab_transform", choices=("copy", "random"), default="copy",
                    help="copy the teacher's MLM transform (truncated) or keep it random")
+    add_layer_args(p)
     p.add_argument("--seed", type=int, default=42, help="seed of the parameters that are not copied")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     a = p.parse_args(argv)
-    stats = run(a.teacher_name, a.student_name, a.out, a.t2s_mapping, a.vocab_transform == "copy", a.seed, a.force)
+    stats = run(a.teacher_name, a.student_name, a.out, a.t2s_mapping, a.vocab_transform == "copy", a.seed, a.force,
+                a.init_strategy, a.layers)
     print(json.dumps(stats))
     return 0
 

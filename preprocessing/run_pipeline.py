@@ -1,7 +1,7 @@
 """Run the ten preprocessing steps in dependency order, skipping those whose outputs are up to date.
 
     python preprocessing/run_pipeline.py --teacher_name TEACHER_DIR --corpus FILE [FILE ...] \\
-        --student_vocab_size N --student_config DISTILBERT_CONFIG.json --out_dir OUT
+        (--student_vocab_size N | --student_tokenizer DIR) --student_config DISTILBERT_CONFIG.json --out_dir OUT
 
 Order: 1 train_reduced_tok, 2 teacher_tokens_split, 4 encode_shards, 5 prepare_lm_seqs,
 6 regroup_binarized, 7 token_counts, 3 student2teacher (needs the teacher counts), 8 init_weights,
@@ -71,12 +71,20 @@ def _student_dir(out: Path) -> str:
     return str(out / "student")
 
 
+def _student_tokenizer(a: argparse.Namespace, out: Path) -> dict:
+    """Step 1: train the reduced vocabulary, or adopt the tokenizer given by --student_tokenizer."""
+    if a.student_tokenizer:
+        return train_reduced_tok.adopt(a.teacher_name, a.student_tokenizer, str(out / "student"), a.student_config,
+                                       a.max_len, force=True)
+    return train_reduced_tok.train(a.teacher_name, a.corpus, a.student_vocab_size, str(out / "student"),
+                                   a.char_coverage, a.min_frequency, a.student_config, a.max_len, a.max_bad_frac,
+                                   force=True)
+
+
 STEPS = [
     Step(1, "train_reduced_tok", (), ("student_vocab_size", "char_coverage", "min_frequency", "max_len"),
-         ("teacher_tokenizer", "corpus", "student_config"), lambda o: [o / "student" / "tokenizer.json"],
-         lambda a, o: train_reduced_tok.train(a.teacher_name, a.corpus, a.student_vocab_size, str(o / "student"),
-                                              a.char_coverage, a.min_frequency, a.student_config, a.max_len,
-                                              a.max_bad_frac, force=True)),
+         ("teacher_tokenizer", "corpus", "student_config", "student_tokenizer"),
+         lambda o: [o / "student" / "tokenizer.json"], _student_tokenizer),
     Step(2, "teacher_tokens_split", ("train_reduced_tok",), (), ("teacher_tokenizer",),
          lambda o: [o / n for n in teacher_tokens_split.OUTPUTS],
          lambda a, o: teacher_tokens_split.run(a.teacher_name, _student_dir(o), str(o))),
@@ -101,11 +109,12 @@ STEPS = [
          lambda a, o: student2teacher.run(str(o / "teacher2student.json"), str(o / "t2s_padded.npy"),
                                           str(o / "t2s_mapped_ids.npy"), str(o / "teacher_counts.npy"), str(o),
                                           a.cut_len, a.seed)),
-    Step(8, "init_weights", ("train_reduced_tok", "teacher_tokens_split"), ("seed", "vocab_transform"),
-         ("teacher_tokenizer", "teacher_model"), lambda o: [o / "student_init" / "config.json"],
+    Step(8, "init_weights", ("train_reduced_tok", "teacher_tokens_split"),
+         ("seed", "vocab_transform", "init_strategy", "layers"), ("teacher_tokenizer", "teacher_model"),
+         lambda o: [o / "student_init" / "config.json"],
          lambda a, o: init_weights.run(a.teacher_name, _student_dir(o), str(o / "student_init"),
                                        str(o / "teacher2student.json"), a.vocab_transform == "copy", a.seed,
-                                       force=True)),
+                                       force=True, strategy=a.init_strategy, layers=a.layers)),
     Step(9, "find_matching_ids", ("regroup_binarized",), (), ("teacher_tokenizer",), lambda o: [],
          lambda a, o: find_matching_ids.run(a.teacher_name, _student_dir(o), str(o / "processed_binarized")),
          complete=_has_match),
@@ -129,6 +138,8 @@ def external_fingerprints(a: argparse.Namespace, teacher_tok) -> dict[str, objec
         "teacher_model": [_file_stamp(p) for p in weights],
         "corpus": [_file_stamp(Path(p)) for p in a.corpus],
         "student_config": hashlib.sha256(Path(a.student_config).read_bytes()).hexdigest() if a.student_config else None,
+        "student_tokenizer": fingerprint(load_tokenizer(a.student_tokenizer, "student"))
+        if a.student_tokenizer else None,
     }
 
 
@@ -174,6 +185,9 @@ def check_out_dir(out: Path, teacher_fp: str, force: bool) -> dict:
 def run(a: argparse.Namespace, log=print) -> dict:
     """Run the pipeline; returns the final manifest."""
     out = Path(a.out_dir)
+    if (a.student_vocab_size is None) == (a.student_tokenizer is None):
+        raise UserError("pass exactly one of --student_vocab_size (train a reduced vocabulary) and "
+                        "--student_tokenizer (use a given one)")
     if a.student_config and not Path(a.student_config).is_file():
         raise UserError(f"--student_config {a.student_config} does not exist; pass a DistilBERT config JSON")
     for path in a.corpus:
@@ -221,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher_name", required=True, help="teacher directory (HF BertForMaskedLM + tokenizer)")
     p.add_argument("--corpus", nargs="+", required=True, help="UTF-8 text files, one text per line")
-    p.add_argument("--student_vocab_size", type=int, required=True, help="size of the student vocabulary")
+    p.add_argument("--student_vocab_size", type=int, help="size of the student vocabulary (to train)")
+    p.add_argument("--student_tokenizer",
+                   help="use this tokenizer directory for the student instead of training one (e.g. the teacher's "
+                        "own, for same-vocabulary distillation); --student_vocab_size is then not needed")
     p.add_argument("--student_config", required=True, help="DistilBERT (or BERT) config JSON of the student")
     p.add_argument("--out_dir", required=True, help="output directory (see README for its contents)")
     p.add_argument("--max_len", type=int, default=512, help="maximum sequence length on every side")
@@ -235,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_frequency", type=int, default=2, help="minimum merge frequency of the student vocab")
     p.add_argument("--vocab_transform", choices=("copy", "random"), default="copy",
                    help="initialise the student's MLM transform from the teacher's")
+    init_weights.add_layer_args(p)
     p.add_argument("--max_bad_frac", type=float, default=DEFAULT_MAX_BAD_FRAC,
                    help="largest tolerated share of undecodable lines per corpus file")
     p.add_argument("--force", action="store_true", help="redo every step (and accept a foreign --out_dir)")

@@ -7,6 +7,10 @@ so a teacher token made of those characters always splits into student pieces wi
 
 Output: an HF tokenizer directory (`tokenizer.json`, `tokenizer_config.json`, `vocab.txt`) and, with
 `--student_config`, the student's `config.json` with `vocab_size` set from the trained vocabulary.
+
+`adopt` is the alternative for a student with a given tokenizer (`run_pipeline.py --student_tokenizer`, e.g.
+the teacher's own for same-vocabulary distillation): it checks that the tokenizer splits text into the
+teacher's words and writes it (and the config) in the same form instead of training one.
 """
 
 from __future__ import annotations
@@ -160,6 +164,42 @@ def train(teacher_name: str, corpus: list[str], vocab_size: int, out: str, char_
             "char_coverage": char_coverage, "distinct_chars": len(counts), "corpus_lines": corpus_stats.lines,
             "undecodable_lines": corpus_stats.undecodable,
         }
+        atomic_write_json(tmp / "student_tokenizer_stats.json", stats)
+    return stats
+
+
+def _check_compatible(student, teacher, path: str) -> None:
+    """The alignment needs WordPiece pieces and the same words and special tokens on both sides."""
+    wordpiece_settings(student)
+    s_spec, t_spec = (json.loads(t.backend_tokenizer.to_str()) for t in (student, teacher))
+    for part in ("normalizer", "pre_tokenizer"):
+        if s_spec.get(part) != t_spec.get(part):
+            raise UserError(f"--student_tokenizer {path} has another {part} than the teacher's; teacher and student "
+                            "must split text into the same words")
+    if special_tokens(student) != special_tokens(teacher):
+        raise UserError(f"--student_tokenizer {path} has other special tokens ({special_tokens(student)}) than the "
+                        f"teacher ({special_tokens(teacher)})")
+
+
+def adopt(teacher_name: str, tokenizer_dir: str, out: str, student_config_path: str | None = None,
+          max_len: int = 512, force: bool = False) -> dict:
+    """Write the given student tokenizer (and config) to `out` as `train` would; returns statistics."""
+    out_dir = check_output(out, force)
+    teacher = load_tokenizer(teacher_name, "teacher")
+    student = load_tokenizer(tokenizer_dir, "student")
+    _check_compatible(student, teacher, tokenizer_dir)
+    config = read_student_config(student_config_path, max_len) if student_config_path else None
+    vocab = vocab_list(student)
+    with staged_dir(out_dir) as tmp:
+        student.model_max_length = max_len
+        student.save_pretrained(str(tmp))
+        write_vocab_txt(student, tmp)
+        if config is not None:
+            config.vocab_size = len(vocab)
+            config.pad_token_id = vocab.index(special_tokens(student)["pad"])
+            config.save_pretrained(str(tmp))
+        stats = {"vocab_size": len(vocab), "adopted_from": str(tokenizer_dir),
+                 "same_as_teacher": vocab == vocab_list(teacher)}
         atomic_write_json(tmp / "student_tokenizer_stats.json", stats)
     return stats
 

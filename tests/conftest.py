@@ -40,3 +40,18 @@ def pipeline_out(workdir, teacher_dir, corpus, student_config):
     ])
     run(args, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def same_vocab_out(workdir, teacher_dir, corpus, student_config):
+    """OUT of run_pipeline.py with the teacher's own tokenizer for the student (one vocabulary)."""
+    from run_pipeline import build_parser, run
+
+    out = workdir / "out_same"
+    args = build_parser().parse_args([
+        "--teacher_name", str(teacher_dir), "--corpus", str(corpus), "--student_tokenizer", str(teacher_dir),
+        "--student_config", str(student_config), "--out_dir", str(out), "--max_len", "24", "--n_shards", "2",
+        "--cut_len", "8", "--num_workers", "1", "--init_strategy", "select", "--layers", "0,3",
+    ])
+    run(args, log=lambda *_: None)
+    return out

@@ -155,3 +155,44 @@ def test_nan_loss_stops_with_last_checkpoint(tmp_path, pipeline_out, capsys):
     err = capsys.readouterr().err
     assert "NaN" in err and "checkpoints" in err
     assert (dump / "checkpoints" / "1" / "model.safetensors").is_file()
+
+
+def test_teacher_without_mlm_head_is_refused(tmp_path, pipeline_out, teacher_dir, capsys):
+    import shutil
+
+    from transformers import BertModel
+
+    headless = tmp_path / "headless"
+    shutil.copytree(teacher_dir, headless)
+    (headless / "model.safetensors").unlink()
+    BertModel.from_pretrained(str(teacher_dir)).save_pretrained(str(headless))
+    capsys.readouterr()
+    dump = tmp_path / "dump"
+    argv = train_argv(pipeline_out, dump, "--max_steps", "1", *kd_flags(pipeline_out, headless, "match"))
+    assert run_train(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "MLM head" in err and "\n" not in err, err
+    assert not dump.exists()
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, pipeline_out, capsys):
+    dump = tmp_path / "dump"
+    argv = [*train_argv(pipeline_out, dump, "--max_steps", "3"), "--alpha_mlm", "1"]
+    assert run_train(argv) == 0
+    ckpt = dump / "checkpoints" / "3"
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    assert run_train([*argv, "--max_steps", "4", "--load_from_checkpoint", str(ckpt)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot resume from checkpoint") and str(ckpt) in last, last
+
+
+def test_ranks_read_disjoint_shards():
+    from errors import UserError
+    from train import assign_shards
+
+    shards = list(range(6))
+    parts = [assign_shards(shards, rank, 3) for rank in range(3)]
+    assert sorted(x for part in parts for x in part) == shards and all(len(p) == 2 for p in parts)
+    with pytest.raises(UserError, match="regroup"):
+        assign_shards(shards, 0, 4)
