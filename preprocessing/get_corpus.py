@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import html
+import os
 import re
 import shutil
 import struct
@@ -796,8 +797,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rename a topic, after the default merges " + " ".join(DEFAULT_TOPIC_MERGES)
                    + " (OLD=OLD cancels a default merge)")
     p.add_argument("--workers", type=int, default=2, help="processes extracting files")
+    p.add_argument("--apt_update", choices=("auto", "always", "never"), default="auto",
+                   help="refresh apt's package lists first (always), only when no package could be downloaded "
+                        "(auto; as root), or never")
     p.add_argument("--stats_json", help="also write the statistics as JSON here")
     return p
+
+
+def apt_update() -> bool:
+    """Refresh apt's package lists (root only; nothing is installed). True when it ran successfully."""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        return False
+    print("no package lists or no package found: running `apt-get update`", file=sys.stderr)
+    proc = subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"warning: apt-get update failed: {proc.stderr.strip()[:300]}", file=sys.stderr)
+    return proc.returncode == 0
 
 
 def check_args(a: argparse.Namespace) -> Filters:
@@ -842,7 +857,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     with timed(seconds, "fetch"):
+        if a.apt_update == "always":
+            apt_update()
         trees, missing = fetch_packages(a.packages, out)
+        if not trees and a.apt_update == "auto" and apt_update():
+            trees, missing = fetch_packages(a.packages, out)
     if not trees:
         raise UserError("no package could be downloaded; run `apt-get update` (as root) and retry, or skip this "
                         "step and pass your own corpus files to the preprocessing steps")

@@ -380,7 +380,8 @@ def fake_apt_get(tmp_path: Path, monkeypatch, script: str) -> Path:
 
 def test_nothing_obtained_exits_2(tmp_path, monkeypatch, capsys):
     log = fake_apt_get(tmp_path, monkeypatch, 'echo "E: Unable to locate package $2" >&2; exit 100')
-    rc = run_cli(gc.main, ["--out", str(tmp_path / "out"), "--packages", "no-such-pkg", "other-a|other-b"])
+    rc = run_cli(gc.main, ["--out", str(tmp_path / "out"), "--packages", "no-such-pkg", "other-a|other-b",
+                           "--apt_update", "never"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "could not download no-such-pkg" in err and "other-a or other-b" in err
@@ -388,6 +389,15 @@ def test_nothing_obtained_exits_2(tmp_path, monkeypatch, capsys):
     assert last.startswith("error:") and "apt-get update" in last and "own corpus" in last
     assert log.read_text().split("\n")[:3] == ["download no-such-pkg", "download other-a", "download other-b"]
     assert not (tmp_path / "out" / gc.SENTENCES_FILE).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="apt-get update is only tried as root")
+def test_auto_apt_update_then_retry(tmp_path, monkeypatch, capsys):
+    log = fake_apt_get(tmp_path, monkeypatch, '[ "$1" = update ] && exit 0; exit 100')
+    rc = run_cli(gc.main, ["--out", str(tmp_path / "out"), "--packages", "a-ru"])
+    assert rc == 2
+    assert log.read_text().splitlines() == ["download a-ru", "update -qq", "download a-ru"]
+    assert "running `apt-get update`" in capsys.readouterr().err
 
 
 def test_download_uses_cached_deb(tmp_path, monkeypatch):
@@ -474,8 +484,8 @@ def test_nothing_obtained_through_the_command_line(tmp_path, monkeypatch):
 
     fake_apt_get(tmp_path, monkeypatch, "exit 100")
     script = Path(gc.__file__)
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out"), "--packages", "a-ru"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out"), "--packages", "a-ru",
+                           "--apt_update", "never"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == "warning: could not download a-ru; skipping it"
