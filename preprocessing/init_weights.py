@@ -17,6 +17,11 @@
   student's random ones).
 Teacher: any `BertForMaskedLM` directory. Student: a DistilBERT or BERT config (`--student_name` holds
 its config.json and tokenizer); the tokenizer files are copied into the output.
+
+Fine-tuning mode (task-specific distillation, `distil-finetuned-en/`): when the teacher is a fine-tuned
+`BertForSequenceClassification` (e.g. `train_single`'s `best_model/`), the student is a sequence classifier
+with the same labels; embeddings and layers are built as above (one vocabulary, rows copied), and the
+teacher's pooler and classifier are copied truncated (into DistilBERT's `pre_classifier` and `classifier`).
 """
 
 from __future__ import annotations
@@ -79,6 +84,12 @@ NAMES = {
     },
 }
 HEAD_KEYS = ("head.weight", "head.bias", "head_ln.weight", "head_ln.bias")
+CLASSIFIER_KEYS = {
+    "bert": {"bert.pooler.dense.weight": "bert.pooler.dense.weight", "bert.pooler.dense.bias": "bert.pooler.dense.bias",
+             "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"},
+    "distilbert": {"bert.pooler.dense.weight": "pre_classifier.weight", "bert.pooler.dense.bias": "pre_classifier.bias",
+                   "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"},
+}
 
 
 def n_layers(config) -> int:
@@ -146,7 +157,9 @@ def vocab_mapping(t_vocab: list[str], s_vocab: list[str], splits: list[list[int]
 def init_student(teacher, student, mapping, vocab_transform: bool = True, strategy: str = "average",
                  layers: list[int] | None = None) -> dict:
     """Overwrite `student`'s parameters in place from `teacher`; `mapping` is the [V_S, V_T] CSR or None
-    (equal vocabularies); `strategy` names an entry of INIT_STRATEGIES. Returns what was initialised."""
+    (equal vocabularies); `strategy` names an entry of INIT_STRATEGIES. Masked LMs get the vocabulary rows
+    and the MLM head; sequence classifiers (fine-tuning mode) the pooler and classifier. Returns what was
+    initialised."""
     import torch
 
     t_names, s_names = NAMES["bert"], NAMES[student.config.model_type]
@@ -161,6 +174,7 @@ def init_student(teacher, student, mapping, vocab_transform: bool = True, strate
     if strategy == "average" and layers is not None:
         raise UserError("--layers goes with --init_strategy select")
     groups = INIT_STRATEGIES[strategy](n_layers(teacher.config), n_layers(student.config), layers)
+    classifier = "classifier.weight" in t_state
     with torch.no_grad():
         for k, group in enumerate(groups):
             for role, t_name in t_names["layer_map"].items():
@@ -173,17 +187,49 @@ def init_student(teacher, student, mapping, vocab_transform: bool = True, strate
         put(s_names["pos"], torch.cat([truncate(pos[:n_pos], (n_pos, s_pos.shape[1])), s_pos[n_pos:]]))
         if s_names["type"] is not None:
             put(s_names["type"], truncate(torch.zeros_like(t_state[t_names["type"]]), s_state[s_names["type"]].shape))
-        for key in ("emb_ln.weight", "emb_ln.bias") + (HEAD_KEYS if vocab_transform else ()):
+        for key in ("emb_ln.weight", "emb_ln.bias"):
             put(s_names[key], truncate(t_state[t_names[key]], s_state[s_names[key]].shape))
         width = s_state[s_names["word"]].shape[1]
-        rows = {"word": t_state[t_names["word"]][:, :width], "out.bias": t_state[t_names["out.bias"]][:, None]}
-        tied = student.get_output_embeddings().weight is student.get_input_embeddings().weight
-        if not tied:
-            rows["out.weight"] = t_state[t_names["out.weight"]][:, :width]
+        rows = {"word": t_state[t_names["word"]][:, :width]}
+        tied = False
+        if classifier:
+            for t_key, s_key in CLASSIFIER_KEYS[student.config.model_type].items():
+                put(s_key, truncate(t_state[t_key], s_state[s_key].shape))
+        else:
+            for key in HEAD_KEYS if vocab_transform else ():
+                put(s_names[key], truncate(t_state[t_names[key]], s_state[s_names[key]].shape))
+            rows["out.bias"] = t_state[t_names["out.bias"]][:, None]
+            tied = student.get_output_embeddings().weight is student.get_input_embeddings().weight
+            if not tied:
+                rows["out.weight"] = t_state[t_names["out.weight"]][:, :width]
         for key, table in rows.items():
             mapped = table if mapping is None else torch.from_numpy(mapping @ table.double().numpy())
             put(s_names[key], mapped.reshape(s_state[s_names[key]].shape))
-    return {"layer_groups": [g.tolist() for g in groups], "tensors": len(done), "tied_output": tied}
+    return {"layer_groups": [g.tolist() for g in groups], "tensors": len(done), "tied_output": tied,
+            "mode": "fine-tuning" if classifier else "mlm"}
+
+
+def _is_classifier(model_dir: str) -> bool:
+    """True when `model_dir` holds a sequence classifier (a fine-tuned teacher: fine-tuning mode)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(arch.endswith("ForSequenceClassification") for arch in config.get("architectures") or [])
+
+
+def load_classifier_teacher(path: str):
+    """A fine-tuned BertForSequenceClassification (pooler and classifier included)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the fine-tuned teacher from {path}: {str(err).splitlines()[0]}") from err
+    if model.config.model_type != "bert" or info["missing_keys"]:
+        raise UserError(f"teacher {path} is not a complete BertForSequenceClassification (missing: "
+                        f"{info['missing_keys'][:3]}); pass the best_model/ of a train_single run")
+    return model
 
 
 def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None = None,
@@ -207,7 +253,8 @@ def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None 
         if config.vocab_size != len(pair.s_vocab):
             raise UserError(f"student config vocab_size {config.vocab_size} != student tokenizer size "
                             f"{len(pair.s_vocab)} in {student_name}; re-run train_reduced_tok.py")
-        teacher = load_teacher(teacher_name)
+        finetuned = _is_classifier(teacher_name)
+        teacher = load_classifier_teacher(teacher_name) if finetuned else load_teacher(teacher_name)
         if teacher.config.vocab_size != len(pair.t_vocab):
             raise UserError(f"teacher model vocab_size {teacher.config.vocab_size} != teacher tokenizer size "
                             f"{len(pair.t_vocab)} in {teacher_name}; the model and tokenizer do not belong together")
@@ -222,7 +269,14 @@ def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None 
             raise UserError("the student vocabulary differs from the teacher's; pass --t2s_mapping "
                             "teacher2student.json")
         torch.manual_seed(seed)
-        student = AutoModelForMaskedLM.from_config(config)
+        if finetuned:
+            from transformers import AutoModelForSequenceClassification
+
+            for key in ("num_labels", "id2label", "label2id", "problem_type"):
+                setattr(config, key, getattr(teacher.config, key))
+            student = AutoModelForSequenceClassification.from_config(config)
+        else:
+            student = AutoModelForMaskedLM.from_config(config)
         info = init_student(teacher, student, mapping, vocab_transform, strategy, layers)
         with staged_dir(out_dir) as tmp:
             student.save_pretrained(str(tmp))

@@ -62,15 +62,16 @@ class Setup:
     topic_epochs: int = 3
     topic_max_per_class: int = 600
     speed_repeats: int = 10
+    topic_max_len: int = 128
     kd_flags: list[str] = field(default_factory=lambda: [
         "--alpha_ce", "2.0", "--alpha_mlm", "0.5", "--temperature", "2", "--align_logits", "match"])
 
 
 MODES = {
     "quick": Setup(train_sentences=12000, heldout_sentences=400, teacher_vocab=3000, teacher_layers=2,
-                   teacher_hidden=128, teacher_heads=2, teacher_steps=250, student_vocab=800, student_layers=2,
-                   student_dim=64, student_heads=2, student_ffn=256, kd_steps=120, topic_epochs=2,
-                   topic_max_per_class=250, speed_repeats=3),
+                   teacher_hidden=128, teacher_heads=2, teacher_steps=150, student_vocab=800, student_layers=2,
+                   student_dim=64, student_heads=2, student_ffn=256, kd_steps=80, topic_epochs=1,
+                   topic_max_per_class=120, speed_repeats=3, topic_max_len=64),
     "full": Setup(train_sentences=0, heldout_sentences=2000, teacher_vocab=16000, teacher_layers=4,
                   teacher_hidden=256, teacher_heads=4, teacher_steps=3000, student_vocab=4000, student_layers=2,
                   student_dim=96, student_heads=4, student_ffn=384, kd_steps=1200),
@@ -270,11 +271,14 @@ class Demo:
     def topics(self) -> None:
         """Fine-tune every model the same way on the topic task (single_sentence format); dev accuracy."""
         s, task = self.setup, self.out / "data" / "topics"
+        params = self.out / "data" / "topic_tokenizer.yaml"
+        atomic_write_text(params, f"max_length: {s.topic_max_len}\n")
         for name, path in self.model_dirs().items():
             dumps = self.out / "topics" / name
             self.sh(self.py, ROOT / "distil-finetuned-en" / "train.py", "--glue_dataset", "single_sentence",
                     "--glue_dir", task, "--num_labels", len(self.facts["topics"]["labels"]), "--tokenizer_name", path,
-                    "--dumps_dir", dumps, "--force", "--batch_size", 32, "--lr", "2e-4", "--seed", 0, "train_single", "--model_name", path, "--from_pretrained",
+                    "--tokenizer_params", params, "--dumps_dir", dumps, "--force", "--batch_size", 32,
+                    "--lr", "2e-4", "--seed", 0, "train_single", "--model_name", path, "--from_pretrained",
                     "--n_epochs", s.topic_epochs, "--warmup_prop", "0.1")
             results = json.loads((dumps / "results.json").read_text(encoding="utf-8"))
             self.models.setdefault(name, {})["topic_acc"] = results["dev"]["accuracy"]

@@ -126,3 +126,28 @@ def test_shared_vocabulary_bad_flags(tmp_path, same_vocab_out, pipeline_out, tea
     assert run_train(argv) == 2
     assert "--restrict_ce_to_mask needs" in capsys.readouterr().err
     assert not dump.exists()
+
+
+def test_init_weights_fine_tuning_mode(tmp_path, same_vocab_out, teacher_dir):
+    """A fine-tuned BertForSequenceClassification teacher gives a DistilBERT classifier student."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from init_weights import run
+
+    fine_tuned = tmp_path / "fine_tuned"
+    shutil.copytree(teacher_dir, fine_tuned)
+    (fine_tuned / "model.safetensors").unlink()
+    torch.manual_seed(1)
+    teacher = BertForSequenceClassification.from_pretrained(str(teacher_dir), num_labels=3)
+    teacher.save_pretrained(str(fine_tuned))
+    stats = run(str(fine_tuned), str(same_vocab_out / "student"), str(tmp_path / "init"), strategy="select")
+    assert stats["mode"] == "fine-tuning"
+    student = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "init"))
+    assert student.config.num_labels == 3 and type(student).__name__ == "DistilBertForSequenceClassification"
+    t = teacher.state_dict()
+    d = student.config.dim
+    assert torch.equal(student.pre_classifier.weight, t["bert.pooler.dense.weight"][:d, :d])
+    assert torch.equal(student.classifier.weight, t["classifier.weight"][:, :d])
+    assert torch.equal(student.distilbert.embeddings.word_embeddings.weight, t["bert.embeddings.word_embeddings.weight"][:, :d])
