@@ -92,6 +92,8 @@ def reduce_pool(values: Tensor, segment_ids: Tensor, n_segments: int,
     Returns values.dtype [n_segments, D]: the sum (or mean) of each segment's rows; segments without rows
     are zero (no NaN for "mean").
     """
+    if mode not in POOLING:
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {sorted(POOLING)}")
     return POOLING[mode](values, segment_ids.to(device=values.device, dtype=torch.long), n_segments)
 
 
@@ -214,13 +216,16 @@ def reduce_map_logits(reduced: Tensor, t2s_padded: Tensor, mode: Literal["sum", 
     `s2t_padded` / `s2t_idxs_padded` (int [V_S, C] over teacher ids, pad V_T / 0);
     "my_index" gather and reduction fused in `my_index.MyIndexReduce` (blocked forward that never holds
     [N, K, S], inverse-map backward; needs `s2t_padded` only, the slots are not needed after reduction);
-    both my_index variants give the exact gradient when the inverse map is uncapped and an approximation
+    both my_index variants give the exact gradient when the inverse map lists every (teacher token, piece)
+    pair of the scored rows (uncapped; the pipeline's maps cover `t2s_mapped_ids`) and an approximation
     (dropped pairs contribute nothing) when it was capped;
     "sparse" a sparse [K, V_S] product that never materialises [N, K, S] (`map_matrix` from
     `reduce_map_matrix` may be passed to avoid rebuilding it; it must match `columns`).
     """
     if mode not in ("sum", "logsumexp"):
         raise ValueError(f"unknown reduce-map mode {mode!r}")
+    if impl not in REDUCE_MAP_IMPLS:
+        raise ValueError(f"unknown reduce-map implementation {impl!r}; expected one of {sorted(REDUCE_MAP_IMPLS)}")
     return REDUCE_MAP_IMPLS[impl](reduced, t2s_padded, mode, columns, s2t_padded=s2t_padded,
                                   s2t_idxs_padded=s2t_idxs_padded, map_matrix=map_matrix)
 
@@ -268,8 +273,8 @@ def mlm_token_probs(counts: np.ndarray | Tensor, smoothing: float, special_ids: 
     The exponent is negative (DistilBERT's frequency smoothing), so rarer tokens get larger weights.
     counts: [V] corpus counts of the student vocabulary.
     """
-    counts = torch.as_tensor(np.asarray(counts) if not isinstance(counts, Tensor) else counts)
-    probs = counts.to(torch.float64).clamp_min(1.0).pow(-smoothing)
+    counts = counts.to(torch.float64) if isinstance(counts, Tensor) else torch.from_numpy(np.array(counts, np.float64))
+    probs = counts.clamp_min(1.0).pow(-smoothing)
     if len(special_ids):
         probs[torch.as_tensor(list(special_ids), dtype=torch.long)] = 0.0
     return probs.to(torch.float32)
@@ -299,10 +304,10 @@ def mlm_mask(input_ids: Tensor, attention_mask: Tensor, token_probs: Tensor, mas
     weights = token_probs.to(device=draw_device, dtype=torch.float64)[flat_ids] * real
     n_candidates = int((weights > 0).sum())
     n_targets = min(n_candidates, max(math.floor(mask_prop * int(real.sum()) + 0.5), 1))
-    masked = input_ids.clone()
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    masked = input_ids.reshape(-1).clone()
+    labels = torch.full_like(masked, IGNORE_INDEX)
     if n_targets == 0:
-        return masked, labels
+        return masked.view(input_ids.shape), labels.view(input_ids.shape)
     targets = torch.multinomial(weights, n_targets, replacement=False, generator=generator)
     choice = torch.rand(n_targets, generator=generator, device=draw_device, dtype=torch.float64)
     total = word_mask + word_rand + word_keep
@@ -314,9 +319,9 @@ def mlm_mask(input_ids: Tensor, attention_mask: Tensor, token_probs: Tensor, mas
     new_ids = torch.where(choice < word_mask / total, torch.full_like(original, mask_id),
                           torch.where(choice < (word_mask + word_rand) / total, random_ids, original))
     targets, original, new_ids = targets.to(device), original.to(device), new_ids.to(device)
-    labels.view(-1)[targets] = original
-    masked.view(-1)[targets] = new_ids
-    return masked, labels
+    labels[targets] = original
+    masked[targets] = new_ids
+    return masked.view(input_ids.shape), labels.view(input_ids.shape)
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -330,3 +335,247 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     total = F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), labels, ignore_index=IGNORE_INDEX,
                             reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hidden states: MSE, cosine and contrastive (InfoNCE) losses between aligned teacher and student rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def masked_mean_pool(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the real positions of every sequence: values [B, L, D], mask [B, L] (non-zero = real)
+    -> [B, D] in values.dtype. Padding never enters the mean; a sequence without real positions gives 0."""
+    weights = mask.to(device=values.device, dtype=values.dtype).unsqueeze(-1)
+    return (values * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def hidden_mse_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over rows of the squared Euclidean distance, (1/N) sum_i ||s_i - t_i||^2 (the paper's L_MSE:
+    summed over the feature dimension, averaged over the N aligned rows).
+
+    student, teacher: float [N, D] (already projected to one space). Returns a 0-dim fp32 tensor (fp64 for
+    fp64 inputs); N == 0 gives a zero connected to both inputs.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} rows differ in shape")
+    dtype = _loss_dtype(student.dtype)
+    if student.shape[0] == 0:
+        return _connected_zero(student) + _connected_zero(teacher).to(dtype)
+    return (student.to(dtype) - teacher.to(dtype)).pow(2).sum(-1).mean()
+
+
+def hidden_cosine_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over rows of 1 - cos(s_i, t_i) (torch's CosineEmbeddingLoss with target +1, as DistilBERT).
+
+    student, teacher: float [N, D]. Returns a 0-dim fp32 tensor (fp64 for fp64 inputs); N == 0 gives a zero
+    connected to both inputs.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} rows differ in shape")
+    dtype = _loss_dtype(student.dtype)
+    if student.shape[0] == 0:
+        return _connected_zero(student) + _connected_zero(teacher).to(dtype)
+    return (1 - F.cosine_similarity(student.to(dtype), teacher.to(dtype), dim=-1)).mean()
+
+
+HIDDEN_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": hidden_mse_loss, "cos": hidden_cosine_loss}
+"""Row-wise hidden-state losses by name (`--alpha_mse`, `--alpha_cos`): f(student [N, D], teacher [N, D])."""
+
+SIMILARITIES = ("cosine", "poincare")
+"""Similarity of the contrastive loss: cosine, or the negative Poincare distance at curvature c."""
+
+
+def pointwise_similarity(a: Tensor, b: Tensor, metric: str = "cosine", c: float | Tensor | None = None) -> Tensor:
+    """Similarity of matching rows: a, b float [..., D] (broadcasting) -> [...].
+
+    "cosine": cos(a, b); "poincare": -d_c(a, b), the negative geodesic distance in the Poincare ball of
+    curvature -c (a and b must lie in that ball; `c` is required).
+    """
+    if metric == "cosine":
+        return F.cosine_similarity(a, b, dim=-1)
+    if metric == "poincare":
+        from hyptorch import pmath
+
+        return -pmath.dist(a, b, c=_need_c(c))
+    raise ValueError(f"unknown similarity {metric!r}; choose one of {SIMILARITIES}")
+
+
+def pairwise_similarity(a: Tensor, b: Tensor, metric: str = "cosine", c: float | Tensor | None = None) -> Tensor:
+    """Similarity of every row of a [N, D] with every row of b [M, D] -> [N, M] (see `pointwise_similarity`).
+    Memory O(N M); the cosine form is one matrix product of the normalised rows."""
+    if metric == "cosine":
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(-1, -2)
+    if metric == "poincare":
+        from hyptorch import pmath
+
+        return -pmath.dist_matrix(a, b, c=_need_c(c))
+    raise ValueError(f"unknown similarity {metric!r}; choose one of {SIMILARITIES}")
+
+
+def _need_c(c: float | Tensor | None) -> float | Tensor:
+    if c is None:
+        raise ValueError("the poincare similarity needs the curvature c")
+    return c
+
+
+def sample_without_replacement(n_candidates: Tensor, k: int,
+                               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """For every row i, min(k, n_candidates[i]) distinct offsets drawn uniformly from 0..n_candidates[i]-1.
+
+    n_candidates: int64 [N] (on the device where the draw happens). Returns (offsets int64 [N, k],
+    valid bool [N, k]); invalid slots (rows with fewer than k candidates) hold 0. Robert Floyd's algorithm,
+    vectorised over rows: k steps (a loop over the sample size, never over rows), O(N k^2) comparisons and
+    O(N k) memory, whatever the number of candidates. Draws from `generator` (default: torch's global RNG
+    on the device of `n_candidates`).
+    """
+    n = n_candidates.to(torch.long)
+    device = n.device
+    chosen = torch.full((n.shape[0], max(k, 0)), -1, dtype=torch.long, device=device)
+    for i in range(max(k, 0)):
+        top = n - k + i  # Floyd: draw t in [0, top]; if already chosen, take top itself
+        usable = top >= 0
+        draw = torch.rand(n.shape[0], generator=generator, device=device, dtype=torch.float64)
+        t = torch.minimum((draw * (top.clamp_min(0) + 1)).long(), top.clamp_min(0))
+        taken = (chosen[:, :i] == t.unsqueeze(1)).any(1)
+        chosen[:, i] = torch.where(usable, torch.where(taken, top, t), -1)
+    valid = chosen >= 0
+    return chosen.clamp_min(0), valid
+
+
+def info_nce_loss(positive: Tensor, negatives: Tensor, valid: Tensor | None = None, temperature: float = 1.0,
+                  noise_prob: float = 0.0) -> Tensor:
+    """InfoNCE from similarities: mean over rows i of -log(e^{p_i/T} / (e^{p_i/T} + sum_k e^{n_ik/T} + C_i)).
+
+    positive: float [N], the anchor-positive similarities; negatives: float [N, K], anchor-negative
+    similarities; valid: bool [N, K] (False slots are left out), None = all valid. C_i = K_i * noise_prob
+    with K_i the number of valid negatives of row i: the noise term of NCE with a uniform noise distribution
+    over a data set of 1/noise_prob items (`--add_neg_size_constant`, noise_prob = 1 / training-set size);
+    0 by default. Computed in fp32 (fp64 stays fp64) with logsumexp. Returns a 0-dim tensor; N == 0 gives a
+    zero connected to the inputs.
+    """
+    dtype = _loss_dtype(positive.dtype)
+    if positive.shape[0] == 0:
+        return _connected_zero(positive) + _connected_zero(negatives).to(dtype)
+    pos = positive.to(dtype).unsqueeze(1) / temperature
+    neg = negatives.to(dtype) / temperature
+    if valid is not None:
+        neg = neg.masked_fill(~valid, -math.inf)
+    logits = [pos, neg]
+    if noise_prob > 0:
+        count = (valid.sum(1) if valid is not None else torch.full_like(positive, negatives.shape[1])).to(dtype)
+        logits.append(torch.log(count * noise_prob).unsqueeze(1))
+    return (torch.logsumexp(torch.cat(logits, 1), dim=1) - pos.squeeze(1)).mean()
+
+
+NEGATIVE_SAMPLING = ("student", "teacher", "teacher_and_student")
+"""Where the negatives come from (`--negative_sampling_strategy`); see `contrastive_loss`."""
+
+
+def _pool_negatives(anchor: Tensor, pool: Tensor, pool_seq: Tensor | None, anchor_seq: Tensor | None, k: int,
+                    metric: str, c: float | Tensor | None,
+                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Similarities of every anchor i with negatives from `pool` [M, D], whose first N rows are aligned with
+    the anchors (row i of the pool is the positive or the anchor itself and is never a negative of anchor i).
+
+    With `anchor_seq` [N] / `pool_seq` [M] (sequence ids) the candidates of anchor i are restricted to the
+    rows of its own sequence. k == -1: every candidate; else min(k, candidates) drawn uniformly without
+    replacement. Returns (similarities [N, K'], valid bool [N, K']).
+    """
+    n, m = anchor.shape[0], pool.shape[0]
+    sims = pairwise_similarity(anchor, pool, metric, c)  # [N, M]
+    rows = torch.arange(n, device=anchor.device)
+    if k == -1:
+        valid = torch.ones(n, m, dtype=torch.bool, device=anchor.device)
+        valid[rows, rows] = False
+        if anchor_seq is not None:
+            valid &= anchor_seq.unsqueeze(1) == pool_seq.unsqueeze(0)
+        return sims, valid
+    if anchor_seq is None:
+        lo, hi = torch.zeros_like(rows), torch.full_like(rows, m)
+        order, own = None, rows
+    else:
+        order = torch.argsort(pool_seq, stable=True)  # candidates of one sequence become contiguous
+        sorted_seq = pool_seq[order]
+        lo = torch.searchsorted(sorted_seq, anchor_seq, right=False)
+        hi = torch.searchsorted(sorted_seq, anchor_seq, right=True)
+        own = torch.empty_like(order)
+        own[order] = torch.arange(m, device=anchor.device)
+        own = own[:n]  # position of pool row i in the sorted order
+    offsets, valid = sample_without_replacement(hi - lo - 1, k, generator)
+    skip = own - lo  # offsets at or past the excluded row move one further
+    picked = lo.unsqueeze(1) + offsets + (offsets >= skip.unsqueeze(1)).long()
+    picked = picked.clamp_max(m - 1)
+    if order is not None:
+        picked = order[picked]
+    return sims.gather(1, picked), valid
+
+
+def contrastive_loss(teacher: Tensor, student: Tensor, *, strategy: str = "student", n_negatives: int = -1,
+                     teacher_student_prop: float = 0.5, temperature: float = 1.0, metric: str = "cosine",
+                     c: float | Tensor | None = None, sequence_ids: Tensor | None = None,
+                     extra_teacher: Tensor | None = None, extra_teacher_seq: Tensor | None = None,
+                     extra_student: Tensor | None = None, extra_student_seq: Tensor | None = None,
+                     noise_prob: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """InfoNCE between aligned teacher and student rows, vectorised over rows.
+
+    teacher, student: float [N, D] in one space (projected; points of the Poincare ball of curvature -c for
+    metric "poincare"), row i of each forms the positive pair i. For every pair, the anchor is scored against
+    its positive and against negatives from the other rows:
+    - "student": anchor t_i, positive s_i, negatives student rows s_j (j != i);
+    - "teacher": anchor s_i, positive t_i, negatives teacher rows t_j (j != i);
+    - "teacher_and_student": anchor s_i, positive t_i, negatives round(K * teacher_student_prop) teacher
+      rows t_j and the rest student rows s_j (j != i), as in SimCLR's NT-Xent where the other samples of
+      both views are negatives. The anchor is the student row, so every similarity involves a trainable
+      vector (with a teacher anchor, the teacher-teacher similarities of an unprojected frozen teacher would
+      be constants).
+    n_negatives K: per anchor and in total, drawn uniformly without replacement from each pool; -1 = every
+    candidate of every pool (then teacher_student_prop is not used). Fewer candidates than K: all of them.
+    sequence_ids: int64 [N], the sequence of every row; when given, negatives come only from the anchor's
+    own sequence (`--from_one_sample`). extra_teacher [E_t, D] / extra_student [E_s, D] with their sequence
+    ids (`--use_mismatched_ids`: rows without a partner, e.g. unmatched positions) join the teacher / student
+    negative pools; they are never anchors or positives.
+    Similarity: `pairwise_similarity(metric, c)` divided by `temperature`; `noise_prob` as in `info_nce_loss`.
+    Randomness: `generator` (default: the global RNG of the device). Memory O(N (N + E)) for the similarity
+    matrices; no Python loop over rows. Returns a 0-dim fp32 tensor (fp64 for fp64 inputs).
+    """
+    if strategy not in NEGATIVE_SAMPLING:
+        raise ValueError(f"unknown negative sampling strategy {strategy!r}; choose one of {NEGATIVE_SAMPLING}")
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"{teacher.shape[0]} teacher rows but {student.shape[0]} student rows")
+    n = teacher.shape[0]
+    if n == 0:
+        dtype = _loss_dtype(student.dtype)
+        return _connected_zero(student) + _connected_zero(teacher).to(dtype)
+
+    def pool(side: str) -> tuple[Tensor, Tensor | None]:
+        rows, extra, extra_seq = (teacher, extra_teacher, extra_teacher_seq) if side == "teacher" else \
+            (student, extra_student, extra_student_seq)
+        seq = sequence_ids
+        if extra is not None and extra.shape[0] > 0:
+            rows = torch.cat([rows, extra.to(rows.dtype)])
+            if seq is not None:
+                if extra_seq is None:
+                    raise ValueError(f"extra_{side}_seq is needed with sequence_ids")
+                seq = torch.cat([seq, extra_seq.to(seq.device)])
+        return rows, seq
+
+    if strategy == "student":
+        anchor, positive, pools = teacher, student, [("student", n_negatives)]
+    elif strategy == "teacher":
+        anchor, positive, pools = student, teacher, [("teacher", n_negatives)]
+    else:
+        n_teacher = -1 if n_negatives == -1 else math.floor(n_negatives * teacher_student_prop + 0.5)
+        n_student = -1 if n_negatives == -1 else n_negatives - n_teacher
+        anchor, positive, pools = student, teacher, [("teacher", n_teacher), ("student", n_student)]
+    sims, valids = [], []
+    for side, k in pools:
+        if k == 0:
+            continue
+        rows, seq = pool(side)
+        s, v = _pool_negatives(anchor, rows, seq, sequence_ids, k, metric, c, generator)
+        sims.append(s)
+        valids.append(v)
+    positive_sim = pointwise_similarity(anchor, positive, metric, c)
+    if not sims:
+        sims, valids = [positive_sim.new_zeros(n, 0)], [torch.zeros(n, 0, dtype=torch.bool, device=anchor.device)]
+    return info_nce_loss(positive_sim, torch.cat(sims, 1), torch.cat(valids, 1), temperature, noise_prob)

@@ -31,7 +31,7 @@ from errors import UserError
 from fsutil import atomic_write_json, staged_dir, temp_sibling
 from grouped_batch_sampler import GroupedBatchSampler
 from lm_seqs_dataset import Collator, LmSeqsDataset
-from step_runner import KLPlan, StudentRunner, combine_losses, teacher_logits
+from step_runner import KLPlan, StudentRunner, combine_losses, teacher_forward
 from utils import DistInfo, memory_mb, param_digest, rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
@@ -107,6 +107,8 @@ class Distiller:
         self.kl: KLPlan | None = runner.kl.to(self.device) if runner.kl is not None else None
         runner.kl = self.kl
         self.runner = runner.to(self.device)
+        self.hidden = runner.hidden  # hidden_projection.HiddenLosses or None
+        self.epoch_end_hooks: list = []  # callables f(distiller) run after every completed epoch, before validation
         self.model: nn.Module = self.runner
         if dist_info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -149,7 +151,8 @@ class Distiller:
                                    seed=shuffle_seed, num_batches=int(n.item()) // accum * accum)
 
     def _batch(self, data: LmSeqsDataset, indices) -> dict[str, torch.Tensor]:
-        batch = self.collator(data.gather(indices), with_t2s=self.kl is not None and self.kl.needs_t2s)
+        with_t2s = (self.kl is not None and self.kl.needs_t2s) or (self.hidden is not None and self.hidden.needs_t2s)
+        batch = self.collator(data.gather(indices), with_t2s=with_t2s)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
@@ -160,19 +163,30 @@ class Distiller:
                         a.word_rand, self.special["mask"], self.token_probs.numel(), generator)
 
     # ----- one step -----------------------------------------------------------------------------------
+    def _teacher(self, batch: dict[str, torch.Tensor], masked: torch.Tensor, labels: torch.Tensor):
+        """One teacher pass for the KL and the hidden-state terms: (logits or None, hidden states or None)."""
+        if self.teacher is None or (self.kl is None and self.hidden is None):
+            return None, None
+        hidden = self.hidden is not None
+        return teacher_forward(self.teacher, batch, self.kl, masked, labels, hidden_states=hidden,
+                               shared=hidden and self.hidden.cfg.align == "shared")
+
+    def _alphas(self) -> dict[str, float]:
+        a = self.args
+        return {"ce": a.alpha_ce, "mlm": a.alpha_mlm, **{name: getattr(a, f"alpha_{name}", 0.0)
+                                                          for name in ("mse", "cos", "contrastive")}}
+
     def _losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
         masked, labels = self._mask(batch, generator)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         with autocast:
-            student_out = self.model(batch, masked, labels)
-            t_logits = (teacher_logits(self.teacher, batch, self.kl, masked, labels)
-                        if self.kl is not None else None)
+            t_logits, t_states = self._teacher(batch, masked, labels)
+            student_out = self.model(batch, masked, labels, t_states)
         if t_logits is not None and t_logits.shape[0] != student_out["kl_student"].shape[0]:
             raise UserError(f"{t_logits.shape[0]} teacher rows but {student_out['kl_student'].shape[0]} student rows "
                             "are aligned in a batch: the match masks of the shards are inconsistent; re-run "
                             "find_matching_ids.py")
-        alphas = {"ce": self.args.alpha_ce, "mlm": self.args.alpha_mlm}
-        return combine_losses(student_out, t_logits, self.kl, alphas)
+        return combine_losses(student_out, t_logits, self.kl, self._alphas())
 
     def _set_lr(self) -> float:
         step = self.state.global_step
@@ -239,6 +253,8 @@ class Distiller:
             if not stop:
                 self.state.epoch += 1
                 self.sampler.set_epoch(self.state.epoch)
+                for hook in self.epoch_end_hooks:
+                    hook(self)
                 if self.state.global_step % a.checkpoint_interval != 0:
                     stop = self._validate_and_save()
         if progress is not None:
@@ -278,10 +294,9 @@ class Distiller:
             masked, labels = self._mask(batch, generator)
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
             with autocast:
-                out = self.runner(batch, masked, labels)
-                t_logits = (teacher_logits(self.teacher, batch, self.kl, masked, labels)
-                            if self.kl is not None else None)
-            total, _ = combine_losses(out, t_logits, self.kl, {"ce": self.args.alpha_ce, "mlm": self.args.alpha_mlm})
+                t_logits, t_states = self._teacher(batch, masked, labels)
+                out = self.runner(batch, masked, labels, t_states)
+            total, _ = combine_losses(out, t_logits, self.kl, self._alphas())
             sums += torch.tensor([float(total), 1.0], dtype=torch.float64, device=self.device)
         if self.dist.distributed:
             dist.all_reduce(sums)

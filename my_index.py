@@ -20,17 +20,22 @@ several more of that size in its backward); on CPU that forward tensor, not auto
 the peak memory (see bench/my_index.py). `MyIndexReduce` therefore fuses the gather with the reduction
 over the pieces (sum or logsumexp) and takes `values` without the pad column. It works on blocks of rows
 of `values`, transposed so that every gathered entry is a contiguous run of at least MIN_BLOCK_ROWS
-values. Its forward walks over the (teacher row v, student id u) pairs of `t2s_padded` in blocks,
-accumulating into the result (for logsumexp: a first pass for the per-teacher-token maximum, a second one
-for the sum of exponentials, so nothing underflows). Its backward walks over the pairs of the inverse map
-in blocks, using d z(v) / d values[:, u] = 1 ("sum") or exp(values[:, u] - z(v)) ("logsumexp") for every
-occurrence of u in the split of v (so the slot is not needed). The same capping caveat applies.
+values, and on the split lists grouped by length (pads removed: real splits average ~2 pieces for a
+width S of ~10, so a padded gather would do several times the work). Forward: for each group of teacher
+rows with L pieces, gather `[rows, L, block]` and reduce it over L (torch.logsumexp: max-shifted, so
+nothing overflows), then copy the results into place; nothing is scattered or accumulated. Backward: the
+same over the inverse map, its student ids grouped by the length of their lists, using
+d z(v) / d values[:, u] = 1 ("sum") or exp(values[:, u] - z(v)) ("logsumexp") for every occurrence of u in
+the split of v (so the slots are not needed), summed over the list and copied into place. Deterministic,
+no atomics. The same capping caveat applies, and the inverse map must list the pairs of every scored
+teacher row (the pipeline's maps cover `t2s_mapped_ids`: score those columns).
 
-Memory bounds, besides inputs, outputs and the gradient of `values`: the pair lists (int64 vectors of at
-most V_T * S or V_S * C entries) and temporaries of at most max(MAX_CHUNK_ELEMENTS,
+Memory bounds, besides inputs, outputs and the gradient of `values`: the grouped lists (int64, about
+P = number of (teacher, piece) pairs entries) and temporaries of at most max(MAX_CHUNK_ELEMENTS,
 MIN_BLOCK_ROWS * max(V_T, V_S)) entries each: in `MyIndex.backward` one gradient block plus its int64
-flat indices; in `MyIndexReduce` up to five (a block of rows of values / output / incoming gradient,
-transposed and in fp32, its accumulator, and one gathered block of pairs).
+flat indices; in `MyIndexReduce` up to five at a time (transposed fp32 blocks of the values or of the
+incoming gradient and, for logsumexp, of the saved output; the output or gradient block being filled; the
+gathered pieces with one same-sized intermediate).
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-MAX_CHUNK_ELEMENTS = 1 << 20
-"""Upper bound on the entries of one temporary block (N x block of pairs or of teacher rows x S)."""
+MAX_CHUNK_ELEMENTS = 1 << 18
+"""Upper bound on the entries of one temporary block (rows of `values` x a block of pairs, or x a block of
+teacher rows x S), unless MIN_BLOCK_ROWS x max(V_T, V_S) is larger."""
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,9 +72,9 @@ class MyIndex(torch.autograd.Function):
         """Gather the split pieces of every teacher row.
 
         values: float [N, V_S + 1], last column = pad column.
-        t2s_padded: int64 [V_T, S], student ids, pad = V_S.
-        s2t_padded: int64 [V_S, C], teacher row ids (0..V_T-1), pad = V_T.
-        s2t_idxs_padded: int64 [V_S, C], the slot j with t2s_padded[s2t_padded[u, k], j] == u; pad = 0.
+        t2s_padded: int [V_T, S], student ids, pad = V_S.
+        s2t_padded: int [V_S, C], teacher row ids (0..V_T-1), pad = V_T.
+        s2t_idxs_padded: int [V_S, C], the slot j with t2s_padded[s2t_padded[u, k], j] == u; pad = 0.
         Returns values.dtype [N, V_T, S] == values[:, t2s_padded].
         """
         n_cols = values.shape[1]
@@ -123,6 +129,27 @@ def _row_blocks(n: int, width: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, n, step)]
 
 
+def _grouped_lists(lists: Tensor, valid: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The rows of a padded list matrix grouped by their number of valid entries, pads removed.
+
+    lists: int [R, W]; valid: bool [R, W], the entries that are not padding (anywhere in the row).
+    Returns [(rows int64 [R_L], entries int64 [R_L, L])] for every length L >= 1 that occurs, the entries
+    of each row in their original order. Rows without a valid entry are in no group.
+    """
+    rows, cols = valid.nonzero(as_tuple=True)
+    entries = lists[rows, cols].long()
+    lengths = valid.sum(1)
+    starts = lengths.cumsum(0) - lengths
+    groups = []
+    for length in lengths.unique().tolist():
+        if length == 0:
+            continue
+        ids = (lengths == length).nonzero().squeeze(1)
+        offsets = starts[ids, None] + torch.arange(length, device=lists.device)
+        groups.append((ids, entries[offsets]))
+    return groups
+
+
 class MyIndexReduce(torch.autograd.Function):
     """`reduce(values[:, t2s_padded], dim=-1)` without the `[N, V_T, S]` tensor (see the module docstring)."""
 
@@ -130,7 +157,7 @@ class MyIndexReduce(torch.autograd.Function):
     def forward(ctx: FunctionCtx, values: Tensor, t2s_padded: Tensor, s2t_padded: Tensor, mode: str) -> Tensor:
         """Reduce the split pieces of every teacher row.
 
-        values: float [N, V_S] (no pad column: pads contribute 0 to "sum" and exp(-inf) = 0 to "logsumexp").
+        values: float [N, V_S], finite (no pad column: pads contribute nothing).
         t2s_padded: int [V_T, S], student ids, pad = V_S.
         s2t_padded: int [V_S, C], teacher row ids (0..V_T-1), pad = V_T; only the backward reads it.
         mode: "sum" or "logsumexp". Returns values.dtype [N, V_T], accumulated in fp32 (fp64 for fp64).
@@ -145,26 +172,19 @@ class MyIndexReduce(torch.autograd.Function):
             raise ValueError(f"inverse map with {s2t_padded.shape[0]} rows does not match values with "
                              f"{n_student} columns (V_S)")
         dtype = _accumulation_dtype(values.dtype)
-        floor = torch.finfo(values.dtype).min
-        teachers, slots = (t2s_padded != n_student).nonzero(as_tuple=True)
-        students = t2s_padded[teachers, slots].long()
+        empty = 0.0 if mode == "sum" else torch.finfo(values.dtype).min
+        groups = _grouped_lists(t2s_padded, t2s_padded != n_student)
         out = values.new_empty((n, n_rows))
         for rows in _row_blocks(n, max(n_rows, n_student)):
             values_t = values[rows].t().to(dtype).contiguous()
             width = values_t.shape[1]
-            pairs = [(teachers[b], students[b]) for b in _blocks(students.numel(), width)]
-            acc = values_t.new_zeros((n_rows, width))
-            if mode == "sum":
-                for v, u in pairs:
-                    acc.index_add_(0, v, values_t.index_select(0, u))
-            else:
-                row_max = values_t.new_full((n_rows, width), floor)
-                for v, u in pairs:
-                    row_max.scatter_reduce_(0, v[:, None].expand(-1, width), values_t.index_select(0, u), "amax")
-                for v, u in pairs:
-                    acc.index_add_(0, v, torch.exp(values_t.index_select(0, u) - row_max.index_select(0, v)))
-                acc = (acc.clamp_min_(torch.finfo(dtype).tiny).log_() + row_max).clamp_min_(floor)
-            out[rows] = acc.t()
+            out_t = values_t.new_full((n_rows, width), empty)
+            for teachers, students in groups:
+                length = students.shape[1]
+                for b in _blocks(teachers.numel(), length * width):
+                    pieces = values_t.index_select(0, students[b].reshape(-1)).view(-1, length, width)
+                    out_t.index_copy_(0, teachers[b], pieces.sum(1) if mode == "sum" else torch.logsumexp(pieces, 1))
+            out[rows] = out_t.t()
         ctx.mode, ctx.dtype, ctx.n_rows = mode, values.dtype, n_rows
         ctx.save_for_backward(s2t_padded, *((values, out) if mode == "logsumexp" else ()))
         return out
@@ -172,13 +192,13 @@ class MyIndexReduce(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
-        """grad_values[:, u] = sum over inverse pairs (u, v) of grad_out[:, v] * dz(v)/dvalues[:, u], blockwise."""
+        """grad_values[:, u] = sum over the inverse list of u (teacher rows v) of grad_out[:, v] * dz(v)/dvalues[:, u]."""
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         s2t_padded, *saved = ctx.saved_tensors
         n, n_student, n_rows = grad_out.shape[0], s2t_padded.shape[0], ctx.n_rows
         dtype = _accumulation_dtype(ctx.dtype)
-        students, teachers, _ = inverse_pairs(s2t_padded, n_rows)
+        groups = _grouped_lists(s2t_padded, (s2t_padded >= 0) & (s2t_padded < n_rows))
         grad = grad_out.new_empty((n, n_student), dtype=ctx.dtype)
         for rows in _row_blocks(n, max(n_rows, n_student)):
             grad_t = grad_out[rows].t().to(dtype).contiguous()
@@ -186,12 +206,15 @@ class MyIndexReduce(torch.autograd.Function):
             if ctx.mode == "logsumexp":
                 values_t, out_t = (t[rows].t().to(dtype).contiguous() for t in saved)
             acc = grad_t.new_zeros((n_student, width))
-            for b in _blocks(students.numel(), width):
-                u, v = students[b], teachers[b]
-                part = grad_t.index_select(0, v)
-                if ctx.mode == "logsumexp":
-                    part *= torch.exp(values_t.index_select(0, u) - out_t.index_select(0, v))
-                acc.index_add_(0, u, part)
+            for students, teachers in groups:
+                length = teachers.shape[1]
+                for b in _blocks(students.numel(), length * width):
+                    v = teachers[b].reshape(-1)
+                    part = grad_t.index_select(0, v).view(-1, length, width)
+                    if ctx.mode == "logsumexp":
+                        factor = out_t.index_select(0, v).view(-1, length, width).neg_()
+                        part *= factor.add_(values_t.index_select(0, students[b]).unsqueeze(1)).exp_()
+                    acc.index_copy_(0, students[b], part.sum(1))
             grad[rows] = acc.t()
         return grad, None, None, None
 

@@ -45,7 +45,9 @@ ALIGN_CHOICES = ("match", "reduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    # no abbreviated options: the main parser would read the trailing sub-command's options (--c) as
+    # ambiguous abbreviations of its own
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("output")
     g.add_argument("--dump_path", required=True, help="output directory: final student, best/, checkpoints/, logs")
@@ -112,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    add_hidden_arguments(p)
     return p
 
 
@@ -119,12 +122,14 @@ def validate_args(a: argparse.Namespace) -> None:
     """Reject inconsistent arguments before any heavy work (one-line errors)."""
     if a.alpha_ce < 0 or a.alpha_mlm < 0:
         raise UserError("--alpha_ce and --alpha_mlm must not be negative")
-    if a.alpha_ce + a.alpha_mlm <= 0:
+    hidden_alphas = a.alpha_mse + a.alpha_cos + a.alpha_contrastive
+    if a.alpha_ce + a.alpha_mlm + hidden_alphas <= 0:
         raise UserError("the loss weights sum to zero; set --alpha_ce and/or --alpha_mlm")
     if a.alpha_ce > 0 and not a.teacher_name:
         raise UserError("--alpha_ce > 0 needs a teacher: pass --teacher_name")
-    if a.teacher_name and a.alpha_ce == 0:
-        raise UserError("--teacher_name is given but --alpha_ce is 0; set --alpha_ce or drop the teacher")
+    if a.teacher_name and a.alpha_ce == 0 and hidden_alphas == 0:
+        raise UserError("--teacher_name is given but --alpha_ce is 0; set --alpha_ce (or a hidden-state loss) or "
+                        "drop the teacher")
     if abs(a.word_mask + a.word_keep + a.word_rand - 1.0) > 1e-6:
         raise UserError("--word_mask + --word_keep + --word_rand must sum to 1")
     if not 0 < a.mlm_mask_prop < 1:
@@ -157,6 +162,7 @@ def validate_args(a: argparse.Namespace) -> None:
     for flag in ("binarized_data_folder", "student_name"):
         if not Path(getattr(a, flag)).is_dir():
             raise UserError(f"--{flag} {getattr(a, flag)} is not a directory")
+    validate_hidden_args(a)
 
 
 def shared_vocabulary(teacher_name: str, student_name: str) -> bool:
@@ -192,17 +198,7 @@ def build_kl_plan(a: argparse.Namespace, n_teacher: int, n_student: int, fingerp
         return None, None
     if a.shared_vocab:
         return KLPlan("shared", a.temperature, restrict_to_mask=a.restrict_ce_to_mask), None
-    t2s_input = None
-    if a.align_logits == "reduce":
-        meta = load_teacher2student(a.t2s_mapping)
-        check_fingerprints(meta["fingerprints"], fingerprints, a.t2s_mapping)
-        if (meta["teacher_vocab_size"], meta["student_vocab_size"]) != (n_teacher, n_student):
-            raise UserError(f"{a.t2s_mapping} maps {meta['teacher_vocab_size']} -> {meta['student_vocab_size']} tokens, "
-                            f"the tokenizers have {n_teacher} -> {n_student}; rebuild it with the pipeline")
-        width = max(1, max(len(s) for s in meta["splits"]))
-        t2s_input = np.full((n_teacher, width), n_student, dtype=np.int64)
-        for v, split in enumerate(meta["splits"]):
-            t2s_input[v, :len(split)] = split
+    t2s_input = load_t2s_input(a, n_teacher, n_student, fingerprints) if a.align_logits == "reduce" else None
     if a.align_logits == "reduce" and a.t2s_vocab_padded:
         from custom_step import reduce_map_matrix
 
@@ -221,6 +217,206 @@ def build_kl_plan(a: argparse.Namespace, n_teacher: int, n_student: int, fingerp
     plan = KLPlan(a.align_logits, a.temperature, t_columns=torch.from_numpy(t_cols),
                   s_columns=torch.from_numpy(s_cols), average=a.average_logits)
     return plan, t2s_input
+
+
+def load_t2s_input(a: argparse.Namespace, n_teacher: int, n_student: int, fingerprints: dict[str, str]) -> np.ndarray:
+    """int64 [V_T, S] splits of every teacher token (pad = V_S) from --t2s_mapping: the collator's t2s input,
+    used by the reduce KL and the reduce hidden-state alignment alike."""
+    meta = load_teacher2student(a.t2s_mapping)
+    check_fingerprints(meta["fingerprints"], fingerprints, a.t2s_mapping)
+    if (meta["teacher_vocab_size"], meta["student_vocab_size"]) != (n_teacher, n_student):
+        raise UserError(f"{a.t2s_mapping} maps {meta['teacher_vocab_size']} -> {meta['student_vocab_size']} tokens, "
+                        f"the tokenizers have {n_teacher} -> {n_student}; rebuild it with the pipeline")
+    width = max(1, max(len(s) for s in meta["splits"]))
+    t2s_input = np.full((n_teacher, width), n_student, dtype=np.int64)
+    for v, split in enumerate(meta["splits"]):
+        t2s_input[v, :len(split)] = split
+    return t2s_input
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hidden-state losses (MSE, cosine, contrastive) and the `hyperbolic` sub-command
+# ---------------------------------------------------------------------------------------------------------
+
+HIDDEN_HELP = """Hidden-state losses: --alpha_mse/--alpha_cos/--alpha_contrastive compare teacher and student
+hidden states at aligned positions (--align_hiddens match: matched positions of the student's own run;
+reduce: the student's t2s run, pieces pooled onto teacher positions; with a shared vocabulary every
+position), after a layer strategy (--projection_strategy) and a projection (--project_to). The optional
+trailing sub-command `hyperbolic` (given after every other option: `train.py ... hyperbolic --c 1.0 ...`)
+makes the contrastive similarity the negative Poincare distance at curvature c."""
+
+
+def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
+    """The hidden-state loss options and the optional trailing `hyperbolic` sub-command."""
+    from custom_step import NEGATIVE_SAMPLING
+    from hidden_projection import ADJUST_C, PROJECT_TO, PROJECTION_STRATEGIES
+
+    g = p.add_argument_group("hidden-state losses", HIDDEN_HELP)
+    g.add_argument("--alpha_mse", type=float, default=0.0, help="weight of the MSE between hidden states")
+    g.add_argument("--alpha_cos", type=float, default=0.0, help="weight of the cosine loss between hidden states")
+    g.add_argument("--alpha_contrastive", type=float, default=0.0, help="weight of the contrastive (InfoNCE) loss")
+    g.add_argument("--align_hiddens", choices=ALIGN_CHOICES, default="match",
+                   help="positions compared by the hidden-state losses (ignored with a shared vocabulary)")
+    g.add_argument("--average_hiddens", action="store_true",
+                   help="align_hiddens reduce: pool the pieces of a teacher token by mean instead of sum")
+    g.add_argument("--projection_strategy", choices=PROJECTION_STRATEGIES, default="average_by_layers",
+                   help="which teacher and student layers are compared (see hidden_projection.py)")
+    g.add_argument("--t_s_layers_ids", help='select_by_ids: JSON {"teacher": [4, 8, 12], "student": [1, 2, 3]} '
+                   "(hidden-state indices, 0 = embeddings)")
+    g.add_argument("--project_to", choices=PROJECT_TO, default="teacher",
+                   help="common space of the compared states: the teacher's width, the student's, or "
+                   "--intermediate_dim")
+    g.add_argument("--intermediate_dim", type=int, help="width of the common space with --project_to intermediate")
+    g.add_argument("--train_projections", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the projections with the student (--no-train_projections: frozen random)")
+    g.add_argument("--train_weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the layer weights of weighted_average_by_layers and pool_and_project")
+    g = p.add_argument_group("contrastive loss")
+    g.add_argument("--n_negative_samples", type=int, default=-1, help="negatives per positive (-1: all)")
+    g.add_argument("--negative_sampling_strategy", choices=NEGATIVE_SAMPLING, default="student",
+                   help="negatives from the student's rows, the teacher's, or both")
+    g.add_argument("--teacher_student_prop", type=float, default=0.5,
+                   help="teacher_and_student: share of the negatives taken from the teacher")
+    g.add_argument("--contrastive_temperature", type=float,
+                   help="temperature of the contrastive loss (default: --temperature)")
+    g.add_argument("--from_one_sample", action="store_true",
+                   help="draw the negatives from the anchor's own sequence only, not from the whole batch")
+    g.add_argument("--use_mismatched_ids", action="store_true",
+                   help="align_hiddens match: unmatched positions join the negative pools")
+    g.add_argument("--add_neg_size_constant", action="store_true",
+                   help="add the NCE noise term K / (training sequences) to the InfoNCE denominator")
+    sub = p.add_subparsers(dest="hidden_distil_type", title="optional sub-command (last on the command line)",
+                           metavar="{hyperbolic}")
+    h = sub.add_parser("hyperbolic", help="contrastive loss in the Poincare ball",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Contrastive loss with the negative Poincare distance at curvature c.")
+    h.add_argument("--c", type=float, default=1.0, help="curvature (-c) of the ball, or its initial value")
+    h.add_argument("--init_c", choices=("precompute_from_teacher", "precompute_from_student"),
+                   help="estimate c from the teacher's or the student's outputs on validation data (delta.py)")
+    h.add_argument("--n_samples_to_precompute_c", type=int, default=1000, help="output vectors sampled")
+    h.add_argument("--n_components", type=int, default=100, help="PCA components before the delta")
+    h.add_argument("--n_tries", type=int, default=3, help="random subsets averaged")
+    h.add_argument("--delta_vectors", choices=("logits", "hidden"), default="logits",
+                   help="outputs the curvature is estimated from: MLM logits or last hidden states")
+    h.add_argument("--adjust_c", choices=ADJUST_C,
+                   help="train c through the teacher's or the student's exp map, or re-estimate it after every "
+                   "epoch (from the student; from the teacher with --init_c precompute_from_teacher)")
+    h.add_argument("--riemannian", action=argparse.BooleanOptionalAction, default=True,
+                   help="Riemannian gradient rescaling in the exp maps")
+    h.add_argument("--train_x", action="store_true", help="exp maps at a trainable point instead of the origin")
+    h.add_argument("--use_hyperbolic_projections", action="store_true",
+                   help="map to the ball first, then project with HypLinear (Mobius) layers")
+    h.add_argument("--use_bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="Mobius bias in the HypLinear projections")
+    # without the sub-command its options keep their defaults
+    p.set_defaults(**{act.dest: act.default for act in h._actions if act.dest != "help"})
+
+
+def hidden_alignment(a: argparse.Namespace) -> str | None:
+    """How the hidden-state losses align rows: "match", "reduce", "shared" (one vocabulary), None when off."""
+    if a.alpha_mse + a.alpha_cos + a.alpha_contrastive <= 0:
+        return None
+    return "shared" if getattr(a, "shared_vocab", False) else a.align_hiddens
+
+
+def validate_hidden_args(a: argparse.Namespace) -> None:
+    """One-line errors for inconsistent hidden-state and hyperbolic options."""
+    from hidden_projection import parse_layer_ids
+
+    for flag in ("alpha_mse", "alpha_cos", "alpha_contrastive"):
+        if getattr(a, flag) < 0:
+            raise UserError(f"--{flag} must not be negative")
+    align = hidden_alignment(a)
+    hyperbolic = a.hidden_distil_type == "hyperbolic"
+    if hyperbolic and a.alpha_contrastive <= 0:
+        raise UserError("the hyperbolic sub-command changes the contrastive loss; set --alpha_contrastive")
+    if align is None:
+        return
+    if not a.teacher_name:
+        raise UserError("the hidden-state losses need a teacher: pass --teacher_name")
+    if align == "reduce" and not a.t2s_mapping:
+        raise UserError("--align_hiddens reduce needs --t2s_mapping (teacher2student.json) for the t2s input")
+    if a.projection_strategy == "select_by_ids":
+        if not a.t_s_layers_ids:
+            raise UserError('--projection_strategy select_by_ids needs --t_s_layers_ids, e.g. '
+                            '\'{"teacher": [4, 8, 12], "student": [1, 2, 3]}\'')
+        try:
+            parse_layer_ids(a.t_s_layers_ids)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+    if a.project_to == "intermediate" and not (a.intermediate_dim and a.intermediate_dim > 0):
+        raise UserError("--project_to intermediate needs a positive --intermediate_dim")
+    if a.alpha_contrastive > 0:
+        if a.n_negative_samples < 1 and a.n_negative_samples != -1:
+            raise UserError(f"--n_negative_samples {a.n_negative_samples} must be positive, or -1 for all")
+        if not 0 <= a.teacher_student_prop <= 1:
+            raise UserError(f"--teacher_student_prop {a.teacher_student_prop} must be in [0, 1]")
+        if a.contrastive_temperature is not None and a.contrastive_temperature <= 0:
+            raise UserError("--contrastive_temperature must be positive")
+        if a.use_mismatched_ids and (align != "match" or a.projection_strategy == "pool_and_project"):
+            raise UserError("--use_mismatched_ids needs --align_hiddens match with token-level rows (different "
+                            "vocabularies, not pool_and_project): only match leaves unmatched positions")
+        if a.from_one_sample and a.projection_strategy == "pool_and_project":
+            raise UserError("--from_one_sample draws negatives inside a sequence; pool_and_project has one row per "
+                            "sequence")
+    if hyperbolic:
+        if not (a.c > 0 and np.isfinite(a.c)):
+            raise UserError(f"--c {a.c} must be a positive curvature")
+        for flag, low in (("n_samples_to_precompute_c", 2), ("n_components", 1), ("n_tries", 1)):
+            if getattr(a, flag) < low:
+                raise UserError(f"--{flag} must be at least {low}")
+
+
+def build_hidden_losses(a: argparse.Namespace, student, teacher, align: str | None, n_train: int):
+    """The `HiddenLosses` module for the arguments (None when no hidden-state loss is on).
+
+    n_train: training sequences over all processes (the NCE constant of --add_neg_size_constant).
+    """
+    if align is None:
+        return None
+    from hidden_projection import HiddenConfig, HiddenLosses, HyperbolicConfig, parse_layer_ids
+
+    losses = tuple(name for name in ("mse", "cos", "contrastive") if getattr(a, f"alpha_{name}") > 0)
+    hyperbolic = None
+    if a.hidden_distil_type == "hyperbolic":
+        hyperbolic = HyperbolicConfig(c=a.c, adjust_c=a.adjust_c, riemannian=a.riemannian, train_x=a.train_x,
+                                      use_hyperbolic_projections=a.use_hyperbolic_projections, use_bias=a.use_bias)
+    cfg = HiddenConfig(
+        losses=losses, align=align, strategy=a.projection_strategy,
+        layer_ids=parse_layer_ids(a.t_s_layers_ids) if a.projection_strategy == "select_by_ids" else None,
+        project_to=a.project_to, intermediate_dim=a.intermediate_dim, train_projections=a.train_projections,
+        train_weights=a.train_weights, pooling="mean" if a.average_hiddens else "sum",
+        n_negatives=a.n_negative_samples, negative_strategy=a.negative_sampling_strategy,
+        teacher_student_prop=a.teacher_student_prop,
+        temperature=a.contrastive_temperature if a.contrastive_temperature is not None else a.temperature,
+        from_one_sample=a.from_one_sample, use_mismatched_ids=a.use_mismatched_ids,
+        noise_prob=1.0 / max(n_train, 1) if a.add_neg_size_constant else 0.0, hyperbolic=hyperbolic)
+    t_cfg, s_cfg = teacher.config, student.config
+    try:
+        return HiddenLosses(cfg, t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, t_cfg.hidden_size,
+                            s_cfg.hidden_size)
+    except ValueError as err:
+        msg = f"{err} (teacher {t_cfg.num_hidden_layers} layers, student {s_cfg.num_hidden_layers})"
+        raise UserError(msg) from err
+
+
+def precompute_curvature(a: argparse.Namespace, hidden, teacher, student, data, collator, dist_info, logger,
+                         epoch: int) -> float:
+    """Estimate c from the teacher's (--init_c precompute_from_teacher) or else the student's outputs on
+    `data` (delta.py; averaged over processes), set it in `hidden`'s hyperbolic layers and return it."""
+    from delta import model_curvature
+
+    side = "teacher" if a.init_c == "precompute_from_teacher" else "student"
+    model = (teacher if side == "teacher" else student).to(dist_info.device)
+    c, details = model_curvature(model, data, collator, side, a.n_samples_to_precompute_c, a.n_components,
+                                 a.n_tries, a.batch_size, dist_info.device, a.seed + epoch, a.delta_vectors,
+                                 distributed=dist_info.distributed)
+    hidden.hyperbolic.set_curvature(c)
+    if dist_info.is_master:
+        logger.info(f"curvature c = {c:.6g} from {details['n_vectors']} {side} {a.delta_vectors} vectors "
+                    f"(relative delta {np.mean(details['delta_rel']):.4g}, PCA {details['n_components']} "
+                    f"components){f' after epoch {epoch}' if epoch else ''}")
+    return c
 
 
 def assign_shards(shards: list, rank: int, world_size: int) -> list:
@@ -250,6 +446,7 @@ def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from custom_step import mlm_token_probs
     from distiller import Distiller
+    from hidden_projection import curvature_value
     from lm_seqs_dataset import Collator, LmSeqsDataset
     from model_io import load_student, load_teacher
     from setup_logger import setup_logger
@@ -280,12 +477,18 @@ def run(a: argparse.Namespace) -> int:
                             f"vocabulary, the student tokenizer has {n_student}")
         n_teacher = index["teacher_vocab_size"]
         kl, t2s_input = build_kl_plan(a, n_teacher, n_student, fingerprints)
+        hidden_align = hidden_alignment(a)
+        if hidden_align == "reduce" and t2s_input is None:
+            t2s_input = load_t2s_input(a, n_teacher, n_student, fingerprints)
         shards = assign_shards(open_shards(a.binarized_data_folder), dist_info.rank, dist_info.world_size)
         train_data = LmSeqsDataset(shards, a.valid_prop, "train")
         valid_data = LmSeqsDataset(shards, a.valid_prop, "valid")
         if kl is not None and kl.align == "match" and not train_data.has_match:
             raise UserError(f"--align_logits match needs match masks in {a.binarized_data_folder}; run "
                             "find_matching_ids.py on it")
+        if hidden_align == "match" and a.projection_strategy != "pool_and_project" and not train_data.has_match:
+            raise UserError(f"--align_hiddens match needs match masks in {a.binarized_data_folder}; run "
+                            "find_matching_ids.py on it, or use --align_hiddens reduce")
         if len(train_data) == 0:
             raise UserError(f"no training sequences in {a.binarized_data_folder} for this process")
         student = load_student(a.student_name, a.student_pretrained_weights)
@@ -303,7 +506,9 @@ def run(a: argparse.Namespace) -> int:
             token_probs = mlm_token_probs(counts, a.mlm_smoothing, sorted({int(i) for i in s_tok.all_special_ids}))
         t_pad = t_tok.pad_token_id if t_tok is not None else 0
         collator = Collator(t_pad, s_special["pad"], t2s_input, n_student)
-        runner = StudentRunner(student, mlm=a.alpha_mlm > 0, kl=kl)
+        hidden = build_hidden_losses(a, student, teacher, hidden_align, len(train_data) * dist_info.world_size)
+        runner = StudentRunner(student, mlm=a.alpha_mlm > 0, kl=kl, hidden=hidden)
+        curvature_source = valid_data if len(valid_data) else train_data
         writer = None
         if dist_info.is_master:
             prepare_dump(a)
@@ -318,8 +523,18 @@ def run(a: argparse.Namespace) -> int:
             logger.info(f"{dist_info.world_size} process(es) on {dist_info.device}; {len(train_data)} train / "
                         f"{len(valid_data)} valid sequences per process; KL: {kl.align if kl else 'off'}; "
                         f"student {sum(p.numel() for p in student.parameters()):,} parameters")
+            if hidden is not None:
+                logger.info(f"hidden-state losses {', '.join(hidden.cfg.losses)}: align {hidden_align}, "
+                            f"{a.projection_strategy} ({hidden.selector.n_pairs} layer pairs), project to "
+                            f"{a.project_to}; {sum(p.numel() for p in hidden.parameters() if p.requires_grad):,} "
+                            f"trainable parameters{'; hyperbolic' if hidden.hyperbolic is not None else ''}")
+        if hidden is not None and hidden.hyperbolic is not None and a.init_c and not a.load_from_checkpoint:
+            precompute_curvature(a, hidden, teacher, student, curvature_source, collator, dist_info, logger, 0)
         distiller = Distiller(a, dist_info, runner, teacher, train_data, valid_data, collator, token_probs, s_special,
                               s_tok, logger, writer)
+        if hidden is not None and hidden.hyperbolic is not None and a.adjust_c == "recompute_after_epoch":
+            distiller.epoch_end_hooks.append(lambda d: precompute_curvature(
+                a, hidden, d.teacher, d.runner.student, curvature_source, collator, dist_info, logger, d.state.epoch))
         if a.load_from_checkpoint:
             distiller.load_checkpoint(a.load_from_checkpoint)
             if dist_info.is_master:
@@ -329,7 +544,7 @@ def run(a: argparse.Namespace) -> int:
             atomic_write_json(dump / "train_summary.json", {
                 "global_step": state.global_step, "epoch": state.epoch, "best_valid": state.best_valid,
                 "world_size": dist_info.world_size, "rank_param_checksums": distiller.rank_checksums,
-                "history": state.history})
+                "history": state.history, "curvature": curvature_value(distiller.runner)})
             logger.info(f"done: {state.global_step} updates; student saved in {dump}")
             writer.close()
     finally:
@@ -339,7 +554,6 @@ def run(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
-
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -1,0 +1,248 @@
+"""Benchmark of the hidden-state losses: time and peak memory of one training step with each hidden loss
+(MSE, cosine, contrastive, hyperbolic contrastive) on top of the KL step, against the KL-only step.
+
+    .venv/bin/python bench/hidden_losses.py [--sizes demo] [--configs kl,kl+mse,...] [--precision fp32]
+        [--batch_size 4] [--seq_len 128] [--steps 3] [--warmup 1] [--threads N] [--device auto|cpu|cuda]
+        [--isolation auto|fork|spawn|none] [--quick] [--out bench/results/hidden_losses.json]
+
+The step is the trainer's own, built as `bench/train_step.py` builds it (same synthetic vocabularies,
+split maps and texts, same sizes: `demo` = teacher BERT 4 x 256, V_T 30000 -> student DistilBERT 3 x 256,
+V_S 6000; `tiny` = 2 x 64, V_T 2000 -> 2 x 64, V_S 500): train.py's parser and `build_kl_plan`, then
+`train.build_hidden_losses` for the hidden-state module, the `StudentRunner` and the `Distiller`; one update
+= collate, teacher pass (with hidden states when a hidden loss is on), student passes and losses under
+autocast, backward, clipping + AdamW. Every configuration trains 5 * match KL (T 2) + 2 * MLM, as
+bench/train_step.py; the hidden-state terms use the settings of the paper's scripts:
+- `kl`: the KL-only baseline;
+- `kl+mse`: MSE 0.1, match, average of all layers, trainable projection student -> teacher;
+- `kl+cos`: cosine 0.1, otherwise as kl+mse;
+- `kl+contrastive`: contrastive 0.1, 64 student negatives per positive;
+- `kl+contrastive_all`: contrastive 0.1 with every other row as a negative;
+- `kl+hyperbolic`: hyperbolic contrastive 0.1, 32 negatives, c = 1 (fixed), teacher -> student HypLinear;
+- `kl+mse/reduce`: MSE 0.1 with reduce alignment (a second student pass on the t2s input).
+Measurements (each configuration in a fresh worker: fork on CPU, spawn on CUDA): median wall time of
+`--steps` timed steps after `--warmup` untimed ones; peak memory = on CPU the peak resident set during the
+timed steps minus the resident set before them (glibc mmap threshold 64 KiB, VmHWM reset through
+/proc/self/clear_refs), on CUDA `max_memory_allocated` minus the memory allocated before them. The table
+gives both and their ratio to the `kl` row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # the repository's modules before bench/'s
+    if _p in sys.path:
+        sys.path.remove(_p)
+    sys.path.insert(0, _p)
+
+from bench import train_step as ts  # noqa: E402  (sets the environment of the bench workers, imports torch)
+from bench._common import machine_info, markdown_table, reset_peak_rss, status_kib, write_json  # noqa: E402
+
+torch = ts.torch
+np = ts.np
+
+CONFIGS = {
+    "kl": {},
+    "kl+mse": {"alpha_mse": 0.1},
+    "kl+cos": {"alpha_cos": 0.1},
+    "kl+contrastive": {"alpha_contrastive": 0.1, "n_negative_samples": 64},
+    "kl+contrastive_all": {"alpha_contrastive": 0.1, "n_negative_samples": -1},
+    "kl+hyperbolic": {"alpha_contrastive": 0.1, "n_negative_samples": 32, "project_to": "student",
+                      "hidden_distil_type": "hyperbolic", "c": 1.0, "use_hyperbolic_projections": True},
+    "kl+mse/reduce": {"alpha_mse": 0.1, "align_hiddens": "reduce"},
+}
+DEFAULT_CONFIGS = ("kl", "kl+mse", "kl+cos", "kl+contrastive", "kl+hyperbolic", "kl+mse/reduce")
+
+
+def measure(cfg: dict) -> dict:
+    """Build the data, models and step of one configuration and time it (in the calling process)."""
+    from train import build_hidden_losses, hidden_alignment, load_t2s_input
+
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    size = ts.Size(**cfg["size"])
+    rng = np.random.default_rng(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    voc = ts.synthetic_vocabularies(size.teacher_vocab, size.student_vocab, rng)
+    pool, batches = ts.synthetic_pool(voc, max(1, min(cfg["warmup"] + cfg["steps"], 4)), cfg["batch_size"],
+                                      cfg["seq_len"], rng)
+    with tempfile.TemporaryDirectory(prefix="bench_hidden_") as tmp:
+        paths = {"dir": tmp, **ts.write_artifacts(voc, Path(tmp), cfg["seed"])}
+        args = ts.trainer_args(cfg["precision"], "match", paths, cfg["seed"], cfg["batch_size"], cfg["device"])
+        args.t2s_mapping = paths["teacher2student.json"]
+        for key, value in CONFIGS[cfg["config"]].items():
+            setattr(args, key, value)
+        kl, t2s_input = ts.build_kl_plan(args, size.teacher_vocab, size.student_vocab, {})
+        align = hidden_alignment(args)
+        if align == "reduce":
+            t2s_input = load_t2s_input(args, size.teacher_vocab, size.student_vocab, {})
+    counts = np.bincount(np.concatenate([q[1] for q in pool.seqs]), minlength=size.student_vocab)
+    token_probs = ts.mlm_token_probs(counts, args.mlm_smoothing, list(range(len(ts.SPECIAL_TOKENS))))
+    collator = ts.Collator(ts.PAD, ts.PAD, t2s_input, size.student_vocab)
+    stats = ts.pool_stats(collator, pool, batches)
+    teacher, student = ts.build_models(size, max(512, stats["max_len"]), True)
+    hidden = build_hidden_losses(args, student, teacher, align, len(pool))
+    runner = ts.StudentRunner(student, mlm=True, kl=kl, hidden=hidden)
+    distiller = ts.make_distiller(args, device, runner, teacher, pool, collator, token_probs)
+    index = 0
+    while index < cfg["warmup"]:
+        ts.train_step(distiller, pool, batches[index % len(batches)])
+        index += 1
+    ts.synchronize(device)
+    if cfg["isolated"]:
+        gc.collect()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        resettable = reset_peak_rss()
+        before = (status_kib("VmRSS") or 0) * 1024
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        ts.train_step(distiller, pool, batches[index % len(batches)])
+        ts.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        index += 1
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else (status_kib("VmHWM") or 0) * 1024) - before
+    with torch.no_grad():  # the loss terms of one more batch, for the record
+        batch = distiller._batch(pool, batches[0])
+        _, losses = distiller._losses(batch, distiller.generator)
+    return {"step_s": statistics.median(times), "step_s_all": times, "peak_mib": peak / 2**20,
+            "peak_method": "cuda max_memory_allocated - allocated before" if cuda else
+            "VmHWM - VmRSS before" + ("" if resettable else " (VmHWM not resettable: includes set-up)"),
+            "hidden_parameters": sum(p.numel() for p in hidden.parameters()) if hidden is not None else 0,
+            "aligned_rows_per_batch": stats.get("matched_tokens"), "losses": {k: float(v) for k, v in losses.items()},
+            **{k: v for k, v in stats.items() if k != "max_len"}}
+
+
+def _child(cfg: dict, conn) -> None:
+    try:
+        ts.set_malloc_mmap_threshold()
+        conn.send({"ok": measure(cfg)})
+    except BaseException as err:  # report everything to the parent
+        conn.send({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def run(cfg: dict, isolation: str) -> dict:
+    """measure(cfg) in a fresh process (fork / spawn) or in this one ("none"); errors become {"error": ...}."""
+    if isolation == "none":
+        threads = torch.get_num_threads()
+        try:
+            return measure(cfg)
+        except Exception as err:
+            return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        finally:
+            torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context(isolation)
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(cfg, child))
+    proc.start()
+    child.close()
+    try:
+        message = parent.recv()
+    except EOFError:
+        message = {"error": "worker died (out of memory?)"}
+    proc.join()
+    return message.get("ok", message)
+
+
+def _ratio(r: dict, b: dict | None, key: str) -> str:
+    return f"{r[key] / b[key]:.2f}x" if b and b[key] > 0 else "-"
+
+
+def table(results: list[dict]) -> str:
+    base = {(r["size_name"], r["precision"]): r for r in results if r["config"] == "kl" and "error" not in r}
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["size_name"], r["precision"], r["config"], "error", r["error"][:60], "", "", ""])
+            continue
+        b = base.get((r["size_name"], r["precision"]))
+        terms = " ".join(f"{k[5:]}={v:.3g}" for k, v in r["losses"].items() if k not in ("loss_mlm", "loss_ce"))
+        rows.append([r["size_name"], r["precision"], r["config"], f"{r['step_s'] * 1e3:.0f}", _ratio(r, b, "step_s"),
+                     f"{r['peak_mib']:.0f}", _ratio(r, b, "peak_mib"), terms or "-"])
+    return markdown_table(["size", "precision", "config", "ms/step", "time vs kl", "peak MiB", "peak vs kl",
+                           "hidden loss values"], rows, "lllrrrrl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sizes", default="demo", help="comma-separated, from " + ", ".join(ts.SIZES))
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated, from " + ", ".join(CONFIGS))
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--batch_size", type=int, default=4, help="texts per batch (the paper trains with 4 per GPU)")
+    p.add_argument("--seq_len", type=int, default=128, help="teacher tokens per text")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--threads", type=int, help="torch threads (default: the CPUs available)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--isolation", choices=("auto", "fork", "spawn", "none"), default="auto",
+                   help="worker per configuration (auto: fork on CPU, spawn on CUDA; none: in-process)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny size, batch 2 x 32 tokens, 1 + 1 steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "hidden_losses.json"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.quick:
+        a.sizes, a.batch_size, a.seq_len, a.steps, a.warmup = "tiny", 2, 32, 1, 1
+    names = [s for s in a.sizes.split(",") if s]
+    configs = [c for c in a.configs.split(",") if c]
+    bad = [s for s in names if s not in ts.SIZES] + [c for c in configs if c not in CONFIGS]
+    if bad or not names or not configs:
+        raise ts.BenchError(f"unknown sizes/configs {bad}; sizes: {', '.join(ts.SIZES)}; configs: {', '.join(CONFIGS)}")
+    device = ts.choose_device(a.device)
+    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    isolation = a.isolation if a.isolation != "auto" else ("spawn" if device.type == "cuda" else "fork")
+    results = []
+    for name in names:
+        for config in configs:
+            cfg = {"size_name": name, "size": dataclasses.asdict(ts.SIZES[name]), "config": config,
+                   "precision": a.precision, "batch_size": a.batch_size, "seq_len": a.seq_len, "steps": a.steps,
+                   "warmup": a.warmup, "device": str(device), "threads": threads, "seed": a.seed,
+                   "isolated": isolation != "none"}
+            t0 = time.perf_counter()
+            r = {**cfg, **run(cfg, isolation), "wall_s": time.perf_counter() - t0}
+            results.append(r)
+            brief = f"error {r['error']}" if "error" in r else \
+                f"{r['step_s'] * 1e3:.0f} ms/step, peak {r['peak_mib']:.0f} MiB"
+            print(f"{name} {a.precision} {config}: {brief} ({r['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+    report = table(results)
+    summary = {"machine": machine_info(device=str(device), threads=threads, isolation=isolation,
+                                       cuda_device=torch.cuda.get_device_name(device) if device.type == "cuda"
+                                       else None),
+               "params": {"sizes": {n: dataclasses.asdict(ts.SIZES[n]) for n in names}, "configs": configs,
+                          "config_flags": {c: CONFIGS[c] for c in configs}, "precision": a.precision,
+                          "batch_size": a.batch_size, "seq_len": a.seq_len, "steps": a.steps, "warmup": a.warmup,
+                          "alpha_ce": ts.ALPHA_CE, "alpha_mlm": ts.ALPHA_MLM, "quick": a.quick},
+               "results": results, "markdown": report}
+    out = write_json(a.out, summary)
+    print(report)
+    print(f"\nwritten to {out}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ts.BenchError, ts.UserError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
