@@ -1,0 +1,298 @@
+"""The GLUE training loop shared by `train_single` and `distil_teacher`: batches, gradient accumulation,
+AdamW, the learning-rate schedule, validation on the dev set(s), early stopping, best-model keeping,
+TensorBoard scalars. What the loss is comes from `glue_objective.Objective`.
+
+Schedule: lr = base_lr x warm-up (linear from 0 over the first `warmup_prop` of the planned updates)
+x decay (`linear`: down to 0 at the last planned update; `plateau`: 1) x drop factor. The drop factor is
+divided by `lr_drop_div` after `lr_drop_patience` validations without a new best score (never below
+`min_lr`). Training stops after `valid_patience` validations without a new best (0: never). Validation
+runs every `log_after_n_steps` updates, after every epoch with `log_after_epoch`, and always after the last
+update; the best model (highest selection score on the primary dev split) is handed to `on_best` and
+restored into the model when training ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from glue_data import Collator, EncodedSplit
+from glue_metrics import compute_metrics, predictions, selection_score
+from glue_models import run_model
+from glue_objective import Objective
+from glue_tasks import TaskSpec
+from torch import nn
+from torch.utils.data import DataLoader
+
+from errors import UserError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (the CLI flags)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    n_epochs: int = 3
+    max_steps: int = 0
+    max_grad_norm: float = 1.0
+    log_after_n_steps: int = 0
+    log_after_epoch: bool = True
+    valid_patience: int = 0
+    schedule: str = "plateau"
+    warmup_prop: float = 0.0
+    lr_drop_patience: int = 0
+    lr_drop_div: float = 1.5
+    min_lr: float = 0.0
+    precision: str = "fp32"
+    seed: int = 42
+
+
+@dataclass
+class TrainResult:
+    """What training found: the best validation and the history of all of them."""
+
+    best_step: int = -1
+    best_epoch: int = -1
+    best_score: float = -math.inf
+    best_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    global_step: int = 0
+    stopped_early: bool = False
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: EncodedSplit, collator: Collator, batch_size: int, device: torch.device,
+            precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """Model outputs (fp32 logits [N, C]) and labels of every example, in order."""
+    was_training = model.training
+    model.eval()
+    outputs, labels = [], []
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collator):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, precision):
+            logits = run_model(model, batch).logits
+        outputs.append(logits.float().cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def evaluate(spec: TaskSpec, model: nn.Module, data: EncodedSplit, collator: Collator, batch_size: int,
+             device: torch.device, precision: str = "fp32") -> dict[str, float]:
+    """The task's official metrics of `model` on `data`."""
+    logits, labels = predict(model, data, collator, batch_size, device, precision)
+    return compute_metrics(spec, predictions(spec, logits), labels)
+
+
+class LrSchedule:
+    """Warm-up, optional linear decay and drops on plateaus (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, total_steps: int):
+        self.cfg, self.total = cfg, max(1, total_steps)
+        self.warmup = int(cfg.warmup_prop * self.total)
+        self.drop, self.bad_since_drop = 1.0, 0
+
+    def lr(self, step: int) -> float:
+        """Learning rate of update number `step` (0-based)."""
+        factor = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if self.cfg.schedule == "linear":
+            factor *= max(0.0, (self.total - step) / max(1, self.total - self.warmup)) if step >= self.warmup else 1.0
+        return self.cfg.lr * factor * self.drop
+
+    def on_validation(self, improved: bool) -> bool:
+        """Count a validation; returns True when the learning rate was divided."""
+        if improved or self.cfg.lr_drop_patience <= 0:
+            self.bad_since_drop = 0
+            return False
+        self.bad_since_drop += 1
+        if self.bad_since_drop < self.cfg.lr_drop_patience:
+            return False
+        self.bad_since_drop = 0
+        floor = self.cfg.min_lr / self.cfg.lr
+        new = max(self.drop / self.cfg.lr_drop_div, floor)
+        dropped = new < self.drop
+        self.drop = new
+        return dropped
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and scalars (parameters with fewer than 2 dimensions)."""
+    decay = [p for _, p in params if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for _, p in params if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, eps=cfg.adam_epsilon)
+
+
+class GlueTrainer:
+    """Trains `model` (the student, or the only model) on `train_set` with `objective`; `teacher`, when
+    given, runs frozen in eval mode on the same batches."""
+
+    def __init__(self, spec: TaskSpec, model: nn.Module, objective: Objective, train_set: EncodedSplit,
+                 dev_sets: dict[str, EncodedSplit], collator: Collator, cfg: TrainConfig, device: torch.device,
+                 logger: logging.Logger, writer=None, on_best: Callable[[nn.Module], None] | None = None,
+                 teacher: nn.Module | None = None, on_epoch_end: Callable[[int], None] | None = None):
+        self.spec, self.model, self.objective, self.teacher = spec, model.to(device), objective.to(device), teacher
+        self.train_set, self.dev_sets, self.collator, self.cfg = train_set, dev_sets, collator, cfg
+        self.device, self.logger, self.writer, self.on_best = device, logger, writer, on_best
+        self.on_epoch_end = on_epoch_end
+        if teacher is not None:
+            teacher.to(device).eval()
+            teacher.requires_grad_(False)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, collate_fn=collator,
+                                 generator=generator)
+        self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
+        total = self.updates_per_epoch * cfg.n_epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+        self.schedule = LrSchedule(cfg, self.total_steps)
+        params = list(model.named_parameters()) + list(objective.named_parameters())
+        self.params = [p for _, p in params if p.requires_grad]
+        self.optimizer = build_optimizer(params, cfg)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.result = TrainResult()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_validations = 0
+
+    # -- one update ---------------------------------------------------------------------------------------
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        hidden = self.objective.needs_hidden_states
+        with autocast(self.device, self.cfg.precision):
+            teacher_out = None
+            if self.teacher is not None and self.objective.needs_teacher:
+                with torch.no_grad():
+                    teacher_out = run_model(self.teacher, batch, hidden)
+            student_out = run_model(self.model, batch, hidden)
+            loss, parts = self.objective(student_out, batch["labels"], teacher_out, batch["attention_mask"])
+        self.scaler.scale(loss / self.cfg.gradient_accumulation_steps).backward()
+        for name, value in {"loss": loss.detach(), **parts}.items():
+            sums[name] = sums.get(name, 0.0) + value
+
+    def _optimizer_step(self) -> float:
+        lr = self.schedule.lr(self.result.global_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.result.global_step += 1
+        return float(grad_norm)
+
+    def _log_update(self, sums: dict[str, torch.Tensor], n_micro: int, grad_norm: float, lr: float) -> float:
+        step = self.result.global_step
+        values = {name: float(value) / n_micro for name, value in sums.items()}
+        if not math.isfinite(values["loss"]):
+            raise UserError(f"the training loss became {values['loss']} at update {step}; lower --lr or use fp32")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+            if self.objective.alpha_kl > 0 and not self.spec.regression:
+                self.writer.add_scalar("train/temperature", float(self.objective.temperature.detach()), step)
+            c = self.objective.curvature()
+            if c is not None:
+                self.writer.add_scalar("train/c", c, step)
+        return values["loss"]
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        cfg, accum = self.cfg, self.cfg.gradient_accumulation_steps
+        self.model.train()
+        self.objective.train()
+        self.logger.info(f"{len(self.train_set)} training examples, {self.updates_per_epoch} updates per epoch, "
+                         f"{self.total_steps} updates planned on {self.device}")
+        start, losses, validated_at = time.time(), [], -1
+        stop = False
+        for epoch in range(cfg.n_epochs):
+            sums: dict[str, torch.Tensor] = {}
+            n_micro = 0
+            n_batches = len(self.loader)
+            for i, batch in enumerate(self.loader):
+                self._micro_step(batch, sums)
+                n_micro += 1
+                if n_micro < accum and i + 1 < n_batches:
+                    continue
+                lr = self.schedule.lr(self.result.global_step)
+                grad_norm = self._optimizer_step()
+                losses.append(self._log_update(sums, n_micro, grad_norm, lr))
+                sums, n_micro = {}, 0
+                step = self.result.global_step
+                if cfg.log_after_n_steps > 0 and step % cfg.log_after_n_steps == 0:
+                    stop = self._validate(epoch, losses, start)
+                    losses, validated_at = [], step
+                if stop or step >= self.total_steps:
+                    break
+            finished = self.result.global_step >= self.total_steps
+            if self.on_epoch_end is not None and not stop and not finished:
+                self.on_epoch_end(epoch + 1)
+            if not stop and cfg.log_after_epoch and validated_at != self.result.global_step:
+                stop = self._validate(epoch, losses, start)
+                losses, validated_at = [], self.result.global_step
+            if stop or self.result.global_step >= self.total_steps:
+                break
+        if validated_at != self.result.global_step:
+            self._validate(epoch, losses, start)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.result.stopped_early = stop
+        return self.result
+
+    def _validate(self, epoch: int, losses: list[float], start: float) -> bool:
+        """Evaluate on every dev split, keep the best model, adjust the lr; True means stop."""
+        step = self.result.global_step
+        metrics = {name: evaluate(self.spec, self.model, data, self.collator, self.cfg.eval_batch_size, self.device,
+                                  self.cfg.precision) for name, data in self.dev_sets.items()}
+        score = selection_score(self.spec, metrics[self.spec.primary_dev])
+        improved = score > self.result.best_score
+        lr = self.schedule.lr(max(0, step - 1))
+        train_loss = float(np.mean(losses)) if losses else float("nan")
+        self.result.history.append({"step": step, "epoch": epoch, "train_loss": train_loss, "lr": lr, "score": score,
+                                    **metrics})
+        if self.writer is not None:
+            for split, values in metrics.items():
+                for name, value in values.items():
+                    self.writer.add_scalar(f"{split}/{name}", value, step)
+            self.writer.add_scalar(f"{self.spec.primary_dev}/score", score, step)
+        shown = "; ".join(f"{split} " + ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+                          for split, values in metrics.items())
+        self.logger.info(f"update {step} (epoch {epoch + 1}, {time.time() - start:.0f}s): train loss {train_loss:.4f}, "
+                         f"{shown}{' (best)' if improved else ''}")
+        if improved:
+            self.result.best_score, self.result.best_step, self.result.best_epoch = score, step, epoch
+            self.result.best_metrics = metrics
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            self.bad_validations = 0
+            if self.on_best is not None:
+                self.on_best(self.model)
+        else:
+            self.bad_validations += 1
+        if self.schedule.on_validation(improved):
+            self.logger.info(f"no improvement for {self.cfg.lr_drop_patience} validations: lr divided by "
+                             f"{self.cfg.lr_drop_div} to {self.schedule.lr(step):.3g}")
+        if self.cfg.valid_patience > 0 and self.bad_validations >= self.cfg.valid_patience:
+            self.logger.info(f"early stop: no improvement for {self.bad_validations} validations")
+            return True
+        return False
