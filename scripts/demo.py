@@ -5,7 +5,8 @@
 Stages (each prints one line with its elapsed time; its commands' output goes to OUT/logs/<stage>.log):
  1. corpus      Russian sentences and topic-labelled fortunes from Debian packages (get_corpus.py), split
                 into training text and held-out sentences;
- 2. teacher     a teacher WordPiece tokenizer and a small BERT pretrained with train.py (MLM only); cached
+ 2. teacher     a teacher WordPiece tokenizer and a small BERT pretrained with train.py (MLM only, uniform
+                masking as in BERT); cached
                 under --cache_dir by configuration, so a second run reuses it;
  3. pipeline    run_pipeline.py with a reduced student vocabulary; the student initialised from the teacher;
  4. distil      ./train_multi_gpu.sh (2 CPU processes): KL (T=2, alpha 2.0, match alignment) + MLM 0.5;
@@ -72,9 +73,9 @@ MODES = {
                    teacher_hidden=128, teacher_heads=2, teacher_steps=150, student_vocab=800, student_layers=2,
                    student_dim=64, student_heads=2, student_ffn=256, kd_steps=80, topic_epochs=1,
                    topic_max_per_class=120, speed_repeats=3, topic_max_len=64),
-    "full": Setup(train_sentences=0, heldout_sentences=2000, teacher_vocab=16000, teacher_layers=4,
-                  teacher_hidden=256, teacher_heads=4, teacher_steps=3000, student_vocab=4000, student_layers=2,
-                  student_dim=96, student_heads=4, student_ffn=384, kd_steps=1200),
+    "full": Setup(train_sentences=0, heldout_sentences=2000, teacher_vocab=16000, teacher_layers=3,
+                  teacher_hidden=192, teacher_heads=4, teacher_steps=4000, student_vocab=4000, student_layers=2,
+                  student_dim=64, student_heads=4, student_ffn=256, kd_steps=1200),
 }
 
 
@@ -185,7 +186,7 @@ class Demo:
         corpus = self.out / "data" / "train.txt"
         payload = {"corpus": hashlib.sha256(corpus.read_bytes()).hexdigest(), "vocab": s.teacher_vocab,
                    "layers": s.teacher_layers, "hidden": s.teacher_hidden, "heads": s.teacher_heads,
-                   "steps": s.teacher_steps, "batch": s.batch_size, "max_len": s.max_len, "version": 1}
+                   "steps": s.teacher_steps, "batch": s.batch_size, "max_len": s.max_len, "version": 2}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def teacher(self) -> None:
@@ -211,6 +212,7 @@ class Demo:
                     "--binarized_data_folder", work / "data" / "processed_binarized",
                     "--student_name", work / "data" / "student", "--student_pretrained_weights", work / "random",
                     "--student_token_counts", work / "data" / "student_counts.npy", "--alpha_mlm", "1.0",
+                    "--mlm_smoothing", "0",
                     "--batch_size", s.batch_size, "--gradient_accumulation_steps", 1, "--learning_rate", "1e-3",
                     "--warmup_prop", "0.05", "--max_steps", s.teacher_steps, "--n_epoch", 100,
                     "--valid_prop", "0.01", "--checkpoint_interval", max(50, s.teacher_steps // 5),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run every benchmark (each writes bench/results/<name>.json and prints its table), then collect them into
+# bench/RESULTS.md. Needs the corpus of preprocessing/get_corpus.py (built here when missing).
+#   bench/run_all.sh [--quick]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/venv.sh
+ensure_venv
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+py=.venv/bin/python
+quick=()
+[[ "${1:-}" == "--quick" ]] && quick=(--quick)
+corpus=runs/cache/corpus/ru_sentences.txt
+[[ -f $corpus ]] || $py preprocessing/get_corpus.py --out runs/cache/corpus
+$py bench/preprocessing.py --corpus "$corpus"
+$py bench/my_index.py
+$py bench/train_step.py "${quick[@]}"
+$py bench/hidden_losses.py "${quick[@]}"
+[[ -f bench/parity.py ]] && $py bench/parity.py --corpus "$corpus"
+$py bench/collect.py
