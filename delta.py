@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,38 @@ from errors import UserError, run_cli
 
 SIDES = ("teacher", "student")
 VECTORS = ("logits", "hidden")
+
+
+@torch.no_grad()
+def sample_rows(model: nn.Module, n_items: int, rows_of: Callable[[np.ndarray], torch.Tensor], n_samples: int,
+                batch_size: int, seed: int, finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """fp32 CPU [n, D]: up to `n_samples` rows of `model`'s outputs, `model` in eval mode (its previous mode
+    restored after). The `n_items` examples are visited in a random order (numpy `default_rng(seed)`) in
+    batches of `batch_size`; rows_of(indices) gives the candidate rows of a batch, and the batch that completes
+    the sample contributes a random subset, passed through `finish` (when given) after the subsetting.
+    An empty sample is a [0, 1] tensor."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_items)
+    was_training = model.training
+    model.eval()
+    parts, total = [], 0
+    try:
+        for start in range(0, len(order), batch_size):
+            if total >= n_samples:
+                break
+            rows = rows_of(order[start:start + batch_size])
+            need = n_samples - total
+            if rows.shape[0] > need:
+                keep = torch.from_numpy(np.sort(rng.choice(rows.shape[0], need, replace=False))).to(rows.device)
+                rows = rows.index_select(0, keep)
+            if finish is not None:
+                rows = finish(rows)
+            parts.append(rows.float().cpu())
+            total += rows.shape[0]
+    finally:
+        model.train(was_training)
+    return torch.cat(parts) if parts else torch.zeros(0, 1)
 
 
 @torch.no_grad()
@@ -54,33 +87,22 @@ def sample_output_vectors(model: nn.Module, data, collator, side: str, n_samples
         raise ValueError(f"side must be one of {SIDES} and vectors one of {VECTORS}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     ids_key, mask_key = ("t_ids", "t_mask") if side == "teacher" else ("s_ids", "s_mask")
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data))
-    was_training = model.training
-    model.eval()
-    parts, total = [], 0
-    try:
-        for start in range(0, len(order), batch_size):
-            if total >= n_samples:
-                break
-            batch = collator(data.gather(order[start:start + batch_size]))
-            ids, mask = batch[ids_key].to(device), batch[mask_key].to(device)
-            hidden = base_model(model)(input_ids=ids, attention_mask=mask).last_hidden_state[mask]
-            need = n_samples - total
-            if hidden.shape[0] > need:
-                keep = torch.from_numpy(np.sort(rng.choice(hidden.shape[0], need, replace=False))).to(device)
-                hidden = hidden.index_select(0, keep)
-            if vectors == "logits":
-                weight, bias = output_layer(model)
-                hidden = nn.functional.linear(head_transform(model)(hidden), weight, bias)
-            parts.append(hidden.float().cpu())
-            total += hidden.shape[0]
-    finally:
-        model.train(was_training)
-    if total < 2:
-        raise UserError(f"only {total} output vectors found in the data; the curvature needs at least 2 (use more "
-                        "data or a larger --valid_prop)")
-    return torch.cat(parts)
+
+    def rows_of(indices: np.ndarray) -> torch.Tensor:
+        batch = collator(data.gather(indices))
+        ids, mask = batch[ids_key].to(device), batch[mask_key].to(device)
+        return base_model(model)(input_ids=ids, attention_mask=mask).last_hidden_state[mask]
+
+    def to_logits(hidden: torch.Tensor) -> torch.Tensor:
+        weight, bias = output_layer(model)
+        return nn.functional.linear(head_transform(model)(hidden), weight, bias)
+
+    x = sample_rows(model, len(data), rows_of, n_samples, batch_size, seed,
+                    finish=to_logits if vectors == "logits" else None)
+    if x.shape[0] < 2:
+        raise UserError(f"only {x.shape[0]} output vectors found in the data; the curvature needs at least 2 (use "
+                        "more data or a larger --valid_prop)")
+    return x
 
 
 def model_curvature(model: nn.Module, data, collator, side: str, n_samples: int = 1000, n_components: int = 100,

@@ -249,6 +249,7 @@ makes the contrastive similarity the negative Poincare distance at curvature c."
 def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
     """The hidden-state loss options and the optional trailing `hyperbolic` sub-command."""
     from custom_step import NEGATIVE_SAMPLING
+    from hidden_args import add_hyperbolic_subcommand
     from hidden_projection import ADJUST_C, PROJECT_TO, PROJECTION_STRATEGIES
 
     g = p.add_argument_group("hidden-state losses", HIDDEN_HELP)
@@ -285,31 +286,9 @@ def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
                    help="align_hiddens match: unmatched positions join the negative pools")
     g.add_argument("--add_neg_size_constant", action="store_true",
                    help="add the NCE noise term K / (training sequences) to the InfoNCE denominator")
-    sub = p.add_subparsers(dest="hidden_distil_type", title="optional sub-command (last on the command line)",
-                           metavar="{hyperbolic}")
-    h = sub.add_parser("hyperbolic", help="contrastive loss in the Poincare ball",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Contrastive loss with the negative Poincare distance at curvature c.")
-    h.add_argument("--c", type=float, default=1.0, help="curvature (-c) of the ball, or its initial value")
-    h.add_argument("--init_c", choices=("precompute_from_teacher", "precompute_from_student"),
-                   help="estimate c from the teacher's or the student's outputs on validation data (delta.py)")
-    h.add_argument("--n_samples_to_precompute_c", type=int, default=1000, help="output vectors sampled")
-    h.add_argument("--n_components", type=int, default=100, help="PCA components before the delta")
-    h.add_argument("--n_tries", type=int, default=3, help="random subsets averaged")
-    h.add_argument("--delta_vectors", choices=("logits", "hidden"), default="logits",
-                   help="outputs the curvature is estimated from: MLM logits or last hidden states")
-    h.add_argument("--adjust_c", choices=ADJUST_C,
-                   help="train c through the teacher's or the student's exp map, or re-estimate it after every "
-                   "epoch (from the student; from the teacher with --init_c precompute_from_teacher)")
-    h.add_argument("--riemannian", action=argparse.BooleanOptionalAction, default=True,
-                   help="Riemannian gradient rescaling in the exp maps")
-    h.add_argument("--train_x", action="store_true", help="exp maps at a trainable point instead of the origin")
-    h.add_argument("--use_hyperbolic_projections", action="store_true",
-                   help="map to the ball first, then project with HypLinear (Mobius) layers")
-    h.add_argument("--use_bias", action=argparse.BooleanOptionalAction, default=True,
-                   help="Mobius bias in the HypLinear projections")
-    # without the sub-command its options keep their defaults
-    p.set_defaults(**{act.dest: act.default for act in h._actions if act.dest != "help"})
+    add_hyperbolic_subcommand(p, adjust_c=ADJUST_C, delta_vectors=("logits", "hidden"),
+                              delta_vectors_help="outputs the curvature is estimated from: MLM logits or last "
+                              "hidden states", init_c_data="validation data (delta.py)")
 
 
 def hidden_alignment(a: argparse.Namespace) -> str | None:
@@ -321,7 +300,7 @@ def hidden_alignment(a: argparse.Namespace) -> str | None:
 
 def validate_hidden_args(a: argparse.Namespace) -> None:
     """One-line errors for inconsistent hidden-state and hyperbolic options."""
-    from hidden_projection import parse_layer_ids
+    from hidden_args import validate_hidden_losses
 
     for flag in ("alpha_mse", "alpha_cos", "alpha_contrastive"):
         if getattr(a, flag) < 0:
@@ -336,35 +315,11 @@ def validate_hidden_args(a: argparse.Namespace) -> None:
         raise UserError("the hidden-state losses need a teacher: pass --teacher_name")
     if align == "reduce" and not a.t2s_mapping:
         raise UserError("--align_hiddens reduce needs --t2s_mapping (teacher2student.json) for the t2s input")
-    if a.projection_strategy == "select_by_ids":
-        if not a.t_s_layers_ids:
-            raise UserError('--projection_strategy select_by_ids needs --t_s_layers_ids, e.g. '
-                            '\'{"teacher": [4, 8, 12], "student": [1, 2, 3]}\'')
-        try:
-            parse_layer_ids(a.t_s_layers_ids)
-        except ValueError as err:
-            raise UserError(str(err)) from err
-    if a.project_to == "intermediate" and not (a.intermediate_dim and a.intermediate_dim > 0):
-        raise UserError("--project_to intermediate needs a positive --intermediate_dim")
-    if a.alpha_contrastive > 0:
-        if a.n_negative_samples < 1 and a.n_negative_samples != -1:
-            raise UserError(f"--n_negative_samples {a.n_negative_samples} must be positive, or -1 for all")
-        if not 0 <= a.teacher_student_prop <= 1:
-            raise UserError(f"--teacher_student_prop {a.teacher_student_prop} must be in [0, 1]")
-        if a.contrastive_temperature is not None and a.contrastive_temperature <= 0:
-            raise UserError("--contrastive_temperature must be positive")
-        if a.use_mismatched_ids and (align != "match" or a.projection_strategy == "pool_and_project"):
-            raise UserError("--use_mismatched_ids needs --align_hiddens match with token-level rows (different "
-                            "vocabularies, not pool_and_project): only match leaves unmatched positions")
-        if a.from_one_sample and a.projection_strategy == "pool_and_project":
-            raise UserError("--from_one_sample draws negatives inside a sequence; pool_and_project has one row per "
-                            "sequence")
-    if hyperbolic:
-        if not (a.c > 0 and np.isfinite(a.c)):
-            raise UserError(f"--c {a.c} must be a positive curvature")
-        for flag, low in (("n_samples_to_precompute_c", 2), ("n_components", 1), ("n_tries", 1)):
-            if getattr(a, flag) < low:
-                raise UserError(f"--{flag} must be at least {low}")
+    mismatched = a.alpha_contrastive > 0 and a.use_mismatched_ids
+    if mismatched and (align != "match" or a.projection_strategy == "pool_and_project"):
+        raise UserError("--use_mismatched_ids needs --align_hiddens match with token-level rows (different "
+                        "vocabularies, not pool_and_project): only match leaves unmatched positions")
+    validate_hidden_losses(a, row="sequence")
 
 
 def build_hidden_losses(a: argparse.Namespace, student, teacher, align: str | None, n_train: int):

@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmarks: machine description, peak-RSS readings, Markdown tables, JSON output.
+"""Small helpers shared by the benchmarks: machine description, peak-RSS readings, Markdown tables, JSON output,
+the report at the end of a run and the script entry point.
 
 Nothing here imports torch at module level; `machine_info` reads library versions lazily.
 """
@@ -10,7 +11,8 @@ import json
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +98,20 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_report(path: str | os.PathLike, summary: dict, report: str) -> Path:
+    """Write `summary` as JSON to `path` (`write_json`), then print the Markdown `report` and where it went."""
+    out = write_json(path, summary)
+    print(report)
+    print(f"\nwritten to {out}")
+    return out
+
+
+def run_main(main: Callable[[], int], *errors: type[Exception]) -> None:
+    """Exit with `main()`'s code; one of `errors` (problems the user can fix) is one line on stderr, exit code 2."""
+    try:
+        sys.exit(main())
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -47,7 +47,7 @@ for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # the repository's modules 
     sys.path.insert(0, _p)
 
 from bench import train_step as ts  # noqa: E402  (sets the environment of the bench workers, imports torch)
-from bench._common import machine_info, markdown_table, reset_peak_rss, status_kib, write_json  # noqa: E402
+from bench._common import machine_info, markdown_table, reset_peak_rss, run_main, status_kib, write_report  # noqa: E402
 
 torch = ts.torch
 np = ts.np
@@ -234,15 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                           "batch_size": a.batch_size, "seq_len": a.seq_len, "steps": a.steps, "warmup": a.warmup,
                           "alpha_ce": ts.ALPHA_CE, "alpha_mlm": ts.ALPHA_MLM, "quick": a.quick},
                "results": results, "markdown": report}
-    out = write_json(a.out, summary)
-    print(report)
-    print(f"\nwritten to {out}")
+    write_report(a.out, summary, report)
     return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ts.BenchError, ts.UserError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, ts.BenchError, ts.UserError)

@@ -70,8 +70,8 @@ MEMORY_TOLERANCE = 1.10  # peak RSS over the tripled corpus / over the corpus
 BLOCK_LINES = 10000
 TEACHER_HIDDEN = 384  # the student (dim 264) must not be wider than the teacher: init_weights truncates
 
+from bench._common import run_main, write_report  # noqa: E402
 from errors import UserError  # noqa: E402
-from fsutil import atomic_write_text  # noqa: E402
 
 # Runs one step module's main(argv) in a fresh interpreter and reports its own peak RSS (KiB).
 WRAPPER = """
@@ -593,18 +593,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     table = markdown(result)
     result["markdown"] = table
-    out_path = Path(a.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_path, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print()
-    print(table)
-    print(f"\nwritten to {out_path}")
+    write_report(a.out, result, table)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, UserError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, BenchError, UserError)

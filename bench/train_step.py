@@ -97,7 +97,7 @@ import torch.utils.flop_counter  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from bench._common import machine_info, markdown_table, reset_peak_rss, status_kib, write_json  # noqa: E402
+from bench._common import machine_info, markdown_table, reset_peak_rss, run_main, status_kib, write_report  # noqa: E402
 from custom_step import mlm_token_probs  # noqa: E402
 from distiller import PRECISIONS, Distiller  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -864,15 +864,9 @@ def main(argv: list[str] | None = None) -> int:
                           "alpha_ce": ALPHA_CE, "alpha_mlm": ALPHA_MLM, "temperature": TEMPERATURE,
                           "cut_len": CUT_LEN, "quick": a.quick},
                "gemm_peak": gemm, "results": results, "targets": checks, "markdown": report}
-    out = write_json(a.out, summary)
-    print(report)
-    print(f"\nwritten to {out}")
+    write_report(a.out, summary, report)
     return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (BenchError, UserError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, BenchError, UserError)

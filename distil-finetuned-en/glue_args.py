@@ -9,6 +9,7 @@ from pathlib import Path
 from glue_tasks import TASKS
 
 from errors import UserError
+from hidden_args import add_hyperbolic_subcommand
 
 DESCRIPTION = ("Fine-tune a model on a GLUE task (train_single) or distil a fine-tuned teacher into a student "
                "(distil_teacher), offline, from the GLUE TSV folders on disk.")
@@ -122,30 +123,9 @@ def _add_distil(sub) -> None:
     g.add_argument("--from_one_sample", action="store_true", help="negatives only from the anchor's own example")
     g.add_argument("--add_neg_size_constant", action="store_true",
                    help="add the NCE noise term K / (training examples) to the InfoNCE denominator")
-    hyp = p.add_subparsers(dest="hidden_distil_type", metavar="{hyperbolic}",
-                           title="optional sub-command (last on the command line)")
-    h = hyp.add_parser("hyperbolic", help="contrastive loss in a Poincare ball (needs --alpha_contrastive)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    h.add_argument("--c", type=float, default=1.0, help="curvature (-c) of the ball, or its initial value")
-    h.add_argument("--init_c", choices=("precompute_from_teacher", "precompute_from_student"),
-                   help="estimate c before training from the teacher's or the student's outputs on the dev set")
-    h.add_argument("--n_samples_to_precompute_c", type=int, default=1000, help="output vectors sampled")
-    h.add_argument("--n_components", type=int, default=100, help="PCA components before the Gromov delta")
-    h.add_argument("--n_tries", type=int, default=3, help="random subsets averaged")
-    h.add_argument("--delta_vectors", choices=("hidden", "logits"), default="hidden",
-                   help="vectors c is estimated from: last hidden states at real positions, or classifier logits")
-    h.add_argument("--adjust_c", choices=ADJUST_C,
-                   help="train c through the teacher's or the student's exp map, or re-estimate it after every "
-                   "epoch (from the student; from the teacher with --init_c precompute_from_teacher)")
-    h.add_argument("--riemannian", action=argparse.BooleanOptionalAction, default=True,
-                   help="Riemannian gradient rescaling in the exp maps")
-    h.add_argument("--train_x", action="store_true", help="exp maps at a trainable point instead of the origin")
-    h.add_argument("--use_hyperbolic_projections", action="store_true",
-                   help="map to the ball first, then project with HypLinear (Mobius) layers")
-    h.add_argument("--use_bias", action=argparse.BooleanOptionalAction, default=True,
-                   help="Mobius bias in the HypLinear projections")
-    # without the sub-command its options keep their defaults
-    p.set_defaults(**{act.dest: act.default for act in h._actions if act.dest != "help"})
+    add_hyperbolic_subcommand(p, adjust_c=ADJUST_C, delta_vectors=("hidden", "logits"),
+                              delta_vectors_help="vectors c is estimated from: last hidden states at real "
+                              "positions, or classifier logits", init_c_data="the dev set, before training")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,39 +50,14 @@ def alphas(a: argparse.Namespace) -> dict[str, float]:
 
 def validate(a: argparse.Namespace) -> None:
     """One-line errors for inconsistent hidden-state and hyperbolic options."""
-    from hidden_projection import parse_layer_ids
+    from hidden_args import validate_hidden_losses
 
     hyperbolic = a.hidden_distil_type == "hyperbolic"
     if hyperbolic and a.alpha_contrastive <= 0:
         raise UserError("hyperbolic is the hyperbolic variant of the contrastive loss: set --alpha_contrastive > 0")
     if not alphas(a):
         return
-    if a.projection_strategy == "select_by_ids":
-        if not a.t_s_layers_ids:
-            raise UserError('--projection_strategy select_by_ids needs --t_s_layers_ids, e.g. '
-                            '\'{"teacher": [4, 8, 12], "student": [1, 2, 3]}\'')
-        try:
-            parse_layer_ids(a.t_s_layers_ids)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-    if a.project_to == "intermediate" and not (a.intermediate_dim and a.intermediate_dim > 0):
-        raise UserError("--project_to intermediate needs a positive --intermediate_dim")
-    if a.alpha_contrastive > 0:
-        if a.n_negative_samples < 1 and a.n_negative_samples != -1:
-            raise UserError(f"--n_negative_samples {a.n_negative_samples} must be positive, or -1 for all")
-        if not 0 <= a.teacher_student_prop <= 1:
-            raise UserError(f"--teacher_student_prop {a.teacher_student_prop} must be in [0, 1]")
-        if a.contrastive_temperature <= 0:
-            raise UserError("--contrastive_temperature must be positive")
-        if a.from_one_sample and a.projection_strategy == "pool_and_project":
-            raise UserError("--from_one_sample draws negatives inside an example; pool_and_project has one row per "
-                            "example")
-    if hyperbolic:
-        if not (a.c > 0 and np.isfinite(a.c)):
-            raise UserError(f"--c {a.c} must be a positive curvature")
-        for flag, low in (("n_samples_to_precompute_c", 2), ("n_components", 1), ("n_tries", 1)):
-            if getattr(a, flag) < low:
-                raise UserError(f"--{flag} must be at least {low}")
+    validate_hidden_losses(a, row="example")
 
 
 def build_hidden_terms(a: argparse.Namespace, teacher_config, student_config, n_train: int) -> HiddenTerms | None:
@@ -125,26 +100,14 @@ def sample_vectors(model: nn.Module, data, collator, n_samples: int, batch_size:
     ("logits"). Examples are visited in a random order (numpy `default_rng(seed)`)."""
     from glue_models import run_model
 
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(data))
-    was_training = model.training
-    model.eval()
-    parts, total = [], 0
-    try:
-        for start in range(0, len(order), batch_size):
-            if total >= n_samples:
-                break
-            batch = {k: v.to(device) for k, v in collator([data[int(i)] for i in order[start:start + batch_size]]).items()}
-            out = run_model(model, batch, hidden_states=vectors == "hidden")
-            rows = out.hidden_states[-1][batch["attention_mask"].bool()] if vectors == "hidden" else out.logits
-            if rows.shape[0] > n_samples - total:
-                keep = np.sort(rng.choice(rows.shape[0], n_samples - total, replace=False))
-                rows = rows[torch.from_numpy(keep).to(device)]
-            parts.append(rows.float().cpu())
-            total += rows.shape[0]
-    finally:
-        model.train(was_training)
-    return torch.cat(parts) if parts else torch.zeros(0, 1)
+    from delta import sample_rows
+
+    def rows_of(indices: np.ndarray) -> Tensor:
+        batch = {k: v.to(device) for k, v in collator([data[int(i)] for i in indices]).items()}
+        out = run_model(model, batch, hidden_states=vectors == "hidden")
+        return out.hidden_states[-1][batch["attention_mask"].bool()] if vectors == "hidden" else out.logits
+
+    return sample_rows(model, len(data), rows_of, n_samples, batch_size, seed)
 
 
 def estimate_curvature(a: argparse.Namespace, hidden: HiddenTerms, teacher: nn.Module, student: nn.Module, data,
