@@ -74,7 +74,7 @@ MODES = {
                    student_dim=64, student_heads=2, student_ffn=256, kd_steps=80, topic_epochs=1,
                    topic_max_per_class=120, speed_repeats=3, topic_max_len=64),
     "full": Setup(train_sentences=0, heldout_sentences=2000, teacher_vocab=16000, teacher_layers=3,
-                  teacher_hidden=192, teacher_heads=4, teacher_steps=4000, student_vocab=4000, student_layers=2,
+                  teacher_hidden=192, teacher_heads=4, teacher_steps=5000, student_vocab=4000, student_layers=2,
                   student_dim=64, student_heads=4, student_ffn=256, kd_steps=1200),
 }
 
@@ -186,7 +186,7 @@ class Demo:
         corpus = self.out / "data" / "train.txt"
         payload = {"corpus": hashlib.sha256(corpus.read_bytes()).hexdigest(), "vocab": s.teacher_vocab,
                    "layers": s.teacher_layers, "hidden": s.teacher_hidden, "heads": s.teacher_heads,
-                   "steps": s.teacher_steps, "batch": s.batch_size, "max_len": s.max_len, "version": 2}
+                   "steps": s.teacher_steps, "batch": s.batch_size, "max_len": s.max_len, "version": 3}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def teacher(self) -> None:
@@ -213,8 +213,8 @@ class Demo:
                     "--student_name", work / "data" / "student", "--student_pretrained_weights", work / "random",
                     "--student_token_counts", work / "data" / "student_counts.npy", "--alpha_mlm", "1.0",
                     "--mlm_smoothing", "0",
-                    "--batch_size", s.batch_size, "--gradient_accumulation_steps", 1, "--learning_rate", "1e-3",
-                    "--warmup_prop", "0.05", "--max_steps", s.teacher_steps, "--n_epoch", 100,
+                    "--batch_size", s.batch_size, "--gradient_accumulation_steps", 1, "--learning_rate", "5e-4",
+                    "--warmup_prop", "0.1", "--max_steps", s.teacher_steps, "--n_epoch", 100,
                     "--valid_prop", "0.01", "--checkpoint_interval", max(50, s.teacher_steps // 5),
                     "--log_interval", 25, "--precision", self.a.precision)
             trained = work / "trained"

@@ -59,7 +59,7 @@ def _plot_losses(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pa
             if points:
                 ax.plot([s for s, _ in points], [v for _, v in points], label=name, marker="." if len(points) < 30 else None)
     axes[0].set_title("student MLM loss (training)")
-    axes[1].set_title("validation loss (total objective)")
+    axes[1].set_title("validation loss (each run's own objective)")
     for ax in axes:
         ax.set_xlabel("update")
         ax.legend()
