@@ -16,5 +16,5 @@ $py bench/preprocessing.py --corpus "$corpus"
 $py bench/my_index.py
 $py bench/train_step.py "${quick[@]}"
 $py bench/hidden_losses.py "${quick[@]}"
-[[ -f bench/parity.py ]] && $py bench/parity.py --corpus "$corpus"
+[[ -f bench/parity.py ]] && $py bench/parity.py --corpus "$corpus" "${quick[@]}"
 $py bench/collect.py
