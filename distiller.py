@@ -304,7 +304,13 @@ class Distiller:
         return float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
 
     def _validate_and_save(self) -> bool:
-        """Validate, update the plateau schedule, best model and patience, checkpoint; True = stop."""
+        """Validate, update the plateau schedule, best model and patience, checkpoint; True = stop.
+        Without validation data (`--valid_prop 0`) only the checkpoint is written."""
+        if len(self.valid_data) == 0:
+            if self.dist.is_master:
+                self.logger.info(f"step {self.state.global_step}: no validation data (--valid_prop 0): checkpoint only")
+            self.save_checkpoint()
+            return False
         value = self.validate()
         step = self.state.global_step
         reduced = self.plateau.step(value) if math.isfinite(value) else False

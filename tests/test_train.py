@@ -196,3 +196,11 @@ def test_ranks_read_disjoint_shards():
     assert sorted(x for part in parts for x in part) == shards and all(len(p) == 2 for p in parts)
     with pytest.raises(UserError, match="regroup"):
         assign_shards(shards, 0, 4)
+
+
+def test_no_validation_data_still_checkpoints(tmp_path, pipeline_out):
+    dump = tmp_path / "dump"
+    assert run_train([*train_argv(pipeline_out, dump, "--max_steps", "3"), "--alpha_mlm", "1", "--valid_prop", "0"]) == 0
+    log = (dump / "train.log").read_text()
+    assert "no validation data" in log and "valid loss nan" not in log
+    assert (dump / "checkpoints" / "3" / "model.safetensors").is_file() and (dump / "model.safetensors").is_file()
