@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -106,6 +108,47 @@ def write_report(path: str | os.PathLike, summary: dict, report: str) -> Path:
     print(report)
     print(f"\nwritten to {out}")
     return out
+
+
+def _isolated_child(fn: Callable[[dict], dict], cfg: dict, conn, child_setup: Callable[[], object] | None) -> None:
+    try:
+        if child_setup is not None:
+            child_setup()
+        conn.send({"ok": fn(cfg)})
+    except BaseException as err:  # report everything to the parent, which records the error
+        conn.send({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+    finally:
+        conn.close()
+
+
+def run_isolated(fn: Callable[[dict], dict], cfg: dict, isolation: str,
+                 child_setup: Callable[[], object] | None = None) -> dict:
+    """fn(cfg) in a fresh process (`isolation` fork or spawn; `child_setup()` runs there first), or in this one
+    ("none", leaving torch's thread count as it was); errors become {"error": ..., "traceback": ...}.
+    `fn` must be a module-level function (spawn pickles it by name)."""
+    if isolation == "none":
+        import torch
+
+        threads = torch.get_num_threads()
+        try:
+            return fn(cfg)
+        except Exception as err:  # keep going with the other configurations
+            return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        finally:
+            torch.set_num_threads(threads)
+    ctx = multiprocessing.get_context(isolation)
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_child, args=(fn, cfg, child, child_setup))
+    proc.start()
+    child.close()
+    try:
+        message = parent.recv()
+    except EOFError:
+        message = None
+    proc.join()
+    if message is None:
+        return {"error": f"worker died with exit code {proc.exitcode} (out of memory?)"}
+    return message.get("ok", message)
 
 
 def run_main(main: Callable[[], int], *errors: type[Exception]) -> None:

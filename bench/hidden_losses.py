@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +45,15 @@ for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # the repository's modules 
     sys.path.insert(0, _p)
 
 from bench import train_step as ts  # noqa: E402  (sets the environment of the bench workers, imports torch)
-from bench._common import machine_info, markdown_table, reset_peak_rss, run_main, status_kib, write_report  # noqa: E402
+from bench._common import (  # noqa: E402
+    machine_info,
+    markdown_table,
+    reset_peak_rss,
+    run_isolated,
+    run_main,
+    status_kib,
+    write_report,
+)
 
 torch = ts.torch
 np = ts.np
@@ -128,39 +134,6 @@ def measure(cfg: dict) -> dict:
             **{k: v for k, v in stats.items() if k != "max_len"}}
 
 
-def _child(cfg: dict, conn) -> None:
-    try:
-        ts.set_malloc_mmap_threshold()
-        conn.send({"ok": measure(cfg)})
-    except BaseException as err:  # report everything to the parent
-        conn.send({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
-def run(cfg: dict, isolation: str) -> dict:
-    """measure(cfg) in a fresh process (fork / spawn) or in this one ("none"); errors become {"error": ...}."""
-    if isolation == "none":
-        threads = torch.get_num_threads()
-        try:
-            return measure(cfg)
-        except Exception as err:
-            return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        finally:
-            torch.set_num_threads(threads)
-    ctx = multiprocessing.get_context(isolation)
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(cfg, child))
-    proc.start()
-    child.close()
-    try:
-        message = parent.recv()
-    except EOFError:
-        message = {"error": "worker died (out of memory?)"}
-    proc.join()
-    return message.get("ok", message)
-
-
 def _ratio(r: dict, b: dict | None, key: str) -> str:
     return f"{r[key] / b[key]:.2f}x" if b and b[key] > 0 else "-"
 
@@ -220,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                    "warmup": a.warmup, "device": str(device), "threads": threads, "seed": a.seed,
                    "isolated": isolation != "none"}
             t0 = time.perf_counter()
-            r = {**cfg, **run(cfg, isolation), "wall_s": time.perf_counter() - t0}
+            measured = run_isolated(measure, cfg, isolation, child_setup=ts.set_malloc_mmap_threshold)
+            r = {**cfg, **measured, "wall_s": time.perf_counter() - t0}
             results.append(r)
             brief = f"error {r['error']}" if "error" in r else \
                 f"{r['step_s'] * 1e3:.0f} ms/step, peak {r['peak_mib']:.0f} MiB"

@@ -72,13 +72,11 @@ import gc
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +94,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench._common import machine_info, markdown_table, reset_peak_rss, run_main, status_kib, write_report  # noqa: E402
+from bench._common import (  # noqa: E402
+    machine_info,
+    markdown_table,
+    reset_peak_rss,
+    run_isolated,
+    run_main,
+    status_kib,
+    write_report,
+)
 from errors import UserError  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "reference")
@@ -569,40 +575,6 @@ def loss_values(total: torch.Tensor, losses: dict[str, torch.Tensor]) -> dict[st
 # ------------------------------------------------------------------------------------------ isolation
 
 
-def _child(fn_name: str, cfg: dict, conn) -> None:
-    try:
-        conn.send({"ok": globals()[fn_name](cfg)})
-    except BaseException as err:  # report everything to the parent
-        conn.send({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
-def run_isolated(fn_name: str, cfg: dict, isolation: str) -> dict:
-    """fn(cfg) in a fresh process (fork or spawn) or in this one ("none"); errors become {"error": ...}."""
-    if isolation == "none":
-        threads = torch.get_num_threads()
-        try:
-            return globals()[fn_name](cfg)
-        except Exception as err:  # record it, go on with the other runs
-            return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        finally:
-            torch.set_num_threads(threads)
-    ctx = multiprocessing.get_context(isolation)
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn_name, cfg, child))
-    proc.start()
-    child.close()
-    try:
-        message = parent.recv()
-    except EOFError:
-        message = None
-    proc.join()
-    if message is None:
-        return {"error": f"worker died with exit code {proc.exitcode} (out of memory?)"}
-    return message.get("ok", message)
-
-
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -709,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RUNNERS = {"ours": run_ours, "reference": run_reference}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     precisions = [x for x in a.precisions.split(",") if x]
@@ -732,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         print(f"set-up in {work} ({corpus}, {isolation} workers, {a.threads} threads)", file=sys.stderr, flush=True)
-        paths = run_isolated("setup", {**base, "corpus": str(corpus)}, isolation)
+        paths = run_isolated(setup, {**base, "corpus": str(corpus)}, isolation)
         if "error" in paths:
             raise BenchError(f"set-up failed: {paths['error']}\n{paths.get('traceback', '')}")
         print(f"set-up done in {time.perf_counter() - t0:.1f} s: {paths['train_sequences']} of "
@@ -742,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             check_file = str(work / f"first_batch_{precision}.npz")
             for impl in IMPLEMENTATIONS:
                 cfg = {**base, "paths": paths, "precision": precision, "check_file": check_file}
-                r = run_isolated(f"run_{impl}", cfg, isolation)
+                r = run_isolated(RUNNERS[impl], cfg, isolation)
                 r = {"implementation": impl, "precision": precision, **r}
                 results.append(r)
                 brief = (f"error {r['error']}" if "error" in r else
@@ -754,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                 for impl in IMPLEMENTATIONS:
                     cfg = {**base, "paths": paths, "precision": precision, "check_file": check_file,
                            "steps": min(a.profile_steps, steps), "profile_steps": a.profile_steps}
-                    r = run_isolated(f"run_{impl}", cfg, isolation)
+                    r = run_isolated(RUNNERS[impl], cfg, isolation)
                     match = next(x for x in results if x["implementation"] == impl and x["precision"] == precision)
                     match["profile"] = {**r["profile"], "steps": r["steps"]} if "profile" in r else \
                         {"error": r.get("error")}

@@ -69,13 +69,11 @@ import gc
 import json
 import logging
 import math
-import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +95,15 @@ import torch.utils.flop_counter  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from bench._common import machine_info, markdown_table, reset_peak_rss, run_main, status_kib, write_report  # noqa: E402
+from bench._common import (  # noqa: E402
+    machine_info,
+    markdown_table,
+    reset_peak_rss,
+    run_isolated,
+    run_main,
+    status_kib,
+    write_report,
+)
 from custom_step import mlm_token_probs  # noqa: E402
 from distiller import PRECISIONS, Distiller  # noqa: E402
 from errors import UserError  # noqa: E402
@@ -588,44 +594,6 @@ def native_bf16(device: torch.device) -> bool:
 # ------------------------------------------------------------------------------------------ isolation
 
 
-def _child(fn_name: str, cfg: dict, conn) -> None:
-    try:
-        set_malloc_mmap_threshold()
-        conn.send({"ok": globals()[fn_name](cfg)})
-    except BaseException as err:  # report everything to the parent, which records the error
-        conn.send({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
-    finally:
-        conn.close()
-
-
-def run_isolated(fn_name: str, cfg: dict, isolation: str) -> dict:
-    """fn(cfg) in a fresh process (fork or spawn), or in this one ("none", leaving torch's thread count as it
-    was); errors become {"error": ...}."""
-    if isolation == "none":
-        threads = torch.get_num_threads()
-        try:
-            return globals()[fn_name](cfg)
-        except Exception as err:  # keep going with the other configurations
-            return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        finally:
-            torch.set_num_threads(threads)
-    ctx = multiprocessing.get_context(isolation)
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(fn_name, cfg, child))
-    proc.start()
-    child.close()
-    try:
-        message = parent.recv()
-    except EOFError:
-        message = None
-    proc.join()
-    if message is None:
-        return {"error": f"worker died with exit code {proc.exitcode} (out of memory?)"}
-    if "error" in message:
-        return message
-    return message["ok"]
-
-
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -810,9 +778,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = device.type == "cpu"
     scale = 0.1 if a.quick else 1.0  # shorter GEMM timings for the smoke run
-    gemm = run_isolated("measure_gemm", {**base, "precisions": precisions, "gemm_min_s": (0.05 if cpu else 0.002) * scale,
+    gemm = run_isolated(measure_gemm, {**base, "precisions": precisions, "gemm_min_s": (0.05 if cpu else 0.002) * scale,
                                          "gemm_max_s": (0.5 if cpu else 0.05) * scale, "gemm_max_n": 4096 if cpu else 16384,
-                                         "gemm_budget_s": (0.2 if cpu else 0.05) * scale}, isolation)
+                                         "gemm_budget_s": (0.2 if cpu else 0.05) * scale}, isolation,
+                        child_setup=set_malloc_mmap_threshold)
     if "error" in gemm:
         raise BenchError(f"GEMM peak measurement failed: {gemm['error']}")
     for precision, g in gemm.items():
@@ -838,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
                        "seq_len": a.seq_len, "steps": a.steps, "warmup": a.warmup, "profile_steps": a.profile_steps,
                        "flops": a.flops}
                 t0 = time.perf_counter()
-                r = {**cfg, **run_isolated("measure_config", cfg, isolation), "wall_s": time.perf_counter() - t0}
+                measured = run_isolated(measure_config, cfg, isolation, child_setup=set_malloc_mmap_threshold)
+                r = {**cfg, **measured, "wall_s": time.perf_counter() - t0}
                 if "achieved_flop_per_s" in r:
                     r["gemm_peak_fraction"] = r["achieved_flop_per_s"] / gemm[precision]["flop_per_s"]
                 results.append(r)

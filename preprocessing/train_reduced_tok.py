@@ -152,18 +152,25 @@ def train(teacher_name: str, corpus: list[str], vocab_size: int, out: str, char_
     vocab = final_vocab(specials, alphabet, learned, vocab_size)
 
     student = build_student_tokenizer(teacher, vocab, max_len)
+    stats = {
+        "vocab_size": len(vocab), "requested_vocab_size": vocab_size, "alphabet_size": len(alphabet),
+        "char_coverage": char_coverage, "distinct_chars": len(counts), "corpus_lines": corpus_stats.lines,
+        "undecodable_lines": corpus_stats.undecodable,
+    }
+    return publish_student(out_dir, student, config, stats)
+
+
+def publish_student(out_dir: Path, student, config, stats: dict) -> dict:
+    """Write the student tokenizer, vocab.txt, the config (vocab_size and pad id set from the tokenizer) and
+    `student_tokenizer_stats.json` to `out_dir` atomically; returns `stats`."""
+    vocab = vocab_list(student)
     with staged_dir(out_dir) as tmp:
         student.save_pretrained(str(tmp))
         write_vocab_txt(student, tmp)
         if config is not None:
             config.vocab_size = len(vocab)
-            config.pad_token_id = vocab.index(special_tokens(teacher)["pad"])
+            config.pad_token_id = vocab.index(special_tokens(student)["pad"])
             config.save_pretrained(str(tmp))
-        stats = {
-            "vocab_size": len(vocab), "requested_vocab_size": vocab_size, "alphabet_size": len(alphabet),
-            "char_coverage": char_coverage, "distinct_chars": len(counts), "corpus_lines": corpus_stats.lines,
-            "undecodable_lines": corpus_stats.undecodable,
-        }
         atomic_write_json(tmp / "student_tokenizer_stats.json", stats)
     return stats
 
@@ -189,19 +196,11 @@ def adopt(teacher_name: str, tokenizer_dir: str, out: str, student_config_path: 
     student = load_tokenizer(tokenizer_dir, "student")
     _check_compatible(student, teacher, tokenizer_dir)
     config = read_student_config(student_config_path, max_len) if student_config_path else None
+    student.model_max_length = max_len
     vocab = vocab_list(student)
-    with staged_dir(out_dir) as tmp:
-        student.model_max_length = max_len
-        student.save_pretrained(str(tmp))
-        write_vocab_txt(student, tmp)
-        if config is not None:
-            config.vocab_size = len(vocab)
-            config.pad_token_id = vocab.index(special_tokens(student)["pad"])
-            config.save_pretrained(str(tmp))
-        stats = {"vocab_size": len(vocab), "adopted_from": str(tokenizer_dir),
-                 "same_as_teacher": vocab == vocab_list(teacher)}
-        atomic_write_json(tmp / "student_tokenizer_stats.json", stats)
-    return stats
+    stats = {"vocab_size": len(vocab), "adopted_from": str(tokenizer_dir),
+             "same_as_teacher": vocab == vocab_list(teacher)}
+    return publish_student(out_dir, student, config, stats)
 
 
 def build_parser() -> argparse.ArgumentParser:
