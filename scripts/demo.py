@@ -227,7 +227,6 @@ class Demo:
             shutil.rmtree(work)
         shutil.rmtree(self.teacher_dir, ignore_errors=True)
         shutil.copytree(cached, self.teacher_dir, ignore=shutil.ignore_patterns("tensorboard"))
-        self.curves_dirs["teacher_pretraining"] = cached / "tensorboard"
 
     def pipeline(self) -> None:
         s = self.setup
@@ -304,14 +303,12 @@ class Demo:
         self.t0 = time.perf_counter()
         self.facts: dict = {}
         self.models: dict[str, dict] = {}
-        self.curves_dirs: dict[str, Path] = {}
         self.out.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         for log in self.logs.glob("*.log"):
             log.unlink()
         for name in ("corpus", "teacher", "pipeline", "distil", "baseline", "evaluate", "topics", "report"):
             self.run_stage(name, getattr(self, name))
-        self.stage_seconds["report"] = self.stage_seconds.get("report", 0.0)
         return self.result
 
 
