@@ -1,7 +1,8 @@
 """Step 4: encode every text with both tokenizers into a shard set.
 
-Texts are read in blocks and encoded with the Rust `tokenizers` batch API (`--num_workers` threads);
-each side gets `[CLS] ... [SEP]`. A text is kept only if its teacher->student re-tokenisation (each teacher
+Texts are read in blocks and encoded by `block_encoder.BlockEncoder`: the Rust `tokenizers` batch API
+(`--num_workers` threads) encodes each distinct word once, numpy assembles the texts; each side gets
+`[CLS] ... [SEP]`. A text is kept only if its teacher->student re-tokenisation (each teacher
 token replaced by its student split) is at least as long as the teacher sequence, i.e. no teacher token
 in it is unmapped. Over-long texts are kept here and split by step 5 (`prepare_lm_seqs.py`) at a word
 boundary shared by both sides, so every chunk then fits `--max_len` on the teacher, student and t2s side.
@@ -11,7 +12,6 @@ Memory holds one block; shards roll over every `--seqs_per_shard` sequences.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -20,18 +20,10 @@ import numpy as np
 
 import _bootstrap  # noqa: F401
 from artifacts import load_t2s_padded
+from block_encoder import BlockEncoder
 from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus, load_pair, timed
 from errors import run_cli
 from shard_io import Block, ShardSetWriter, segment_ids
-
-
-def encode_block(backend, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(flat int64 ids, int64 lengths) of `texts` encoded with special tokens."""
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    ids = [e.ids for e in encode(texts, add_special_tokens=True)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    return flat, lengths
 
 
 def t2s_lengths(t_ids: np.ndarray, t_lengths: np.ndarray, n_pieces: np.ndarray) -> np.ndarray:
@@ -63,13 +55,13 @@ def run(teacher_name: str, student_name: str, corpus: list[str], t2s_padded: str
         pair = load_pair(teacher_name, student_name)
         n_t, n_s = len(pair.t_vocab), len(pair.s_vocab)
         n_pieces = (load_t2s_padded(t2s_padded, n_t, n_s) != n_s).sum(axis=1)
+        encoder = BlockEncoder([pair.teacher.backend_tokenizer, pair.student.backend_tokenizer])
         corpus_stats = CorpusStats()
         kept = dropped = t_tokens = s_tokens = 0
         with ShardSetWriter(out_dir, n_t, n_s, pair.fingerprints) as shard_set:
             writer, in_shard = None, 0
             for texts in iter_corpus(corpus, block_lines, max_bad_frac, corpus_stats):
-                t_ids, t_len = encode_block(pair.teacher.backend_tokenizer, texts)
-                s_ids, s_len = encode_block(pair.student.backend_tokenizer, texts)
+                (t_ids, t_len), (s_ids, s_len) = encoder.encode(texts)
                 keep = keep_mask(t_ids, t_len, n_pieces)
                 block = select(Block(t_ids, t_len, s_ids, s_len), keep)
                 dropped += int((~keep).sum())
@@ -92,7 +84,8 @@ def run(teacher_name: str, student_name: str, corpus: list[str], t2s_padded: str
                 writer.close()
             stats.update(texts=corpus_stats.lines, kept=kept, dropped_unmapped_teacher_token=dropped,
                          undecodable_lines=corpus_stats.undecodable, teacher_tokens=t_tokens,
-                         student_tokens=s_tokens, shards=len(shard_set.shards))
+                         student_tokens=s_tokens, shards=len(shard_set.shards),
+                         word_cache=dict(zip(("teacher", "student"), encoder.uses_word_cache)))
             shard_set.close({"step": "encode_shards", "stats": stats})
     return stats
 

@@ -7,7 +7,7 @@ import pytest
 
 from alignment import SideTables, match_masks, same_string_map
 from common import load_pair
-from encode_shards import encode_block
+from block_encoder import encode_batch as encode_block
 from prepare_lm_seqs import chunk_sequence
 from tokenizer_utils import surface
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common import load_pair
-from encode_shards import encode_block
+from block_encoder import encode_batch as encode_block
 from shard_io import open_shards, read_index
 from tokenizer_utils import fingerprint, load_tokenizer, vocab_list
 
