@@ -7,7 +7,8 @@ Natural text repeats its words: the ~107,000 sentences of the demo corpus have ~
 distinct ones. When a tokenizer provably tokenises a text as the concatenation of its space-separated words
 (`word_split_blocker` returns None), each distinct word is encoded once (chunks of words joined by a
 special token, one Rust batch call, so the per-call cost is paid per chunk rather than per word) and
-cached, up to `max_words` words (the cache is then emptied); a text's ids are then gathered from the cache
+cached, up to `max_words` words (the cache is then emptied; ~220 bytes per word for a teacher + student
+pair, so memory stays below ~70 MiB however large the corpus); a text's ids are then gathered from the cache
 with numpy. The tokenizers share the splitting and the word table. A tokenizer that does not qualify
 encodes every text with `encode_batch_fast`. Per line of text this is a few microseconds of Python and
 numpy plus the Rust cost of the words not seen before.
@@ -182,7 +183,7 @@ class WordCache:
 class BlockEncoder:
     """Encodes blocks of texts with several tokenizers (`tokenizers.Tokenizer`s) that share one word table."""
 
-    def __init__(self, backends, max_words: int = 500_000):
+    def __init__(self, backends, max_words: int = 300_000):
         self.backends = list(backends)
         self.max_words = max_words
         self.blockers = [word_split_blocker(b) for b in self.backends]
