@@ -113,6 +113,18 @@ def fingerprint(tok) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def canonical_order(tokens: list[str], n_fixed: int) -> list[str]:
+    """A run-independent id order for a trained WordPiece vocabulary: the first `n_fixed` tokens (the
+    specials) as given, then single characters, then `##` + one character, then the other pieces, each
+    group sorted by string. The Rust trainer orders the alphabet and pieces of equal count by hash order,
+    which changes from run to run; WordPiece encoding does not depend on the ids' order."""
+    def group(token: str) -> int:
+        if len(token) == 1:
+            return 0
+        return 1 if is_continuation(token) and len(token) == len(CONT_PREFIX) + 1 else 2
+    return tokens[:n_fixed] + sorted(tokens[n_fixed:], key=lambda t: (group(t), t))
+
+
 def is_continuation(token: str) -> bool:
     """True for a WordPiece continuation piece such as `##ка` (the bare string `##` is not one)."""
     return token.startswith(CONT_PREFIX) and len(token) > len(CONT_PREFIX)

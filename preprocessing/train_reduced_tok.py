@@ -61,14 +61,15 @@ def count_chars(corpus: list[str], normalizer, max_bad_frac: float) -> tuple[Cou
 
 
 def final_vocab(specials: list[str], alphabet: list[str], learned: list[str], size: int) -> list[str]:
-    """specials + alphabet (`c` and `##c`) + learned pieces in training order, cut to `size` entries."""
+    """specials + alphabet (`c` and `##c`) + the first learned pieces in training order, up to `size` entries
+    (the pieces sorted by string: the trainer orders pieces of equal count differently from run to run)."""
     base = list(dict.fromkeys(specials + alphabet + [CONT_PREFIX + c for c in alphabet]))
     if size < len(base):
         raise UserError(f"--vocab_size {size} is too small: the special tokens and the {len(alphabet)}-character "
                         f"alphabet need {len(base)} entries; raise --vocab_size or lower --char_coverage")
     taken = set(base)
     rest = [t for t in learned if t not in taken]
-    return base + rest[: size - len(base)]
+    return base + sorted(rest[: size - len(base)])
 
 
 def build_student_tokenizer(teacher, vocab: list[str], max_len: int):

@@ -15,7 +15,7 @@ import _bootstrap  # noqa: F401
 from common import DEFAULT_MAX_BAD_FRAC, check_output, iter_corpus
 from errors import UserError, run_cli
 from fsutil import staged_dir
-from tokenizer_utils import CONT_PREFIX, write_vocab_txt
+from tokenizer_utils import CONT_PREFIX, canonical_order, write_vocab_txt
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -42,7 +42,9 @@ def train_bert_tokenizer(corpus: list[str], vocab_size: int, out: str, lowercase
                                         show_progress=False)
     lines = (line for block in iter_corpus(corpus, max_bad_frac=max_bad_frac) for line in block)
     tok.train_from_iterator(lines, trainer=trainer)
-    vocab = tok.get_vocab()
+    trained = tok.get_vocab()
+    vocab = {t: i for i, t in enumerate(canonical_order(sorted(trained, key=trained.__getitem__), len(specials)))}
+    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix=CONT_PREFIX)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from alignment import SideTables, match_masks, same_string_map
-from common import load_pair
 from block_encoder import encode_batch as encode_block
+from common import load_pair
 from prepare_lm_seqs import chunk_sequence
 from tokenizer_utils import surface
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from common import load_pair
 from block_encoder import encode_batch as encode_block
+from common import load_pair
 from shard_io import open_shards, read_index
-from tokenizer_utils import fingerprint, load_tokenizer, vocab_list
+from tokenizer_utils import canonical_order, fingerprint, load_tokenizer, vocab_list
 
 EXPECTED = ["student", "student_init", "processed_binarized", "teacher2student.json", "t2s_padded.npy",
             "t2s_mapped_ids.npy", "s2t_padded.npy", "s2t_idxs_padded.npy", "teacher_counts.npy",
@@ -166,3 +167,30 @@ def test_inspect_shards_json(pipeline_out, capsys):
         t = [tok for tok, m in zip(row["teacher_tokens"], row["teacher_match"]) if m]
         s = [tok for tok, m in zip(row["student_tokens"], row["student_match"]) if m]
         assert t == s and len(t) >= 2
+
+
+def test_canonical_order_does_not_depend_on_the_trainer_order():
+    tokens = ["[PAD]", "[UNK]", "кот", "##а", "б", "##ы", "а", "рыба", "##ом", "1"]
+    expected = ["[PAD]", "[UNK]", "1", "а", "б", "##а", "##ы", "##ом", "кот", "рыба"]
+    rng = random.Random(0)
+    for _ in range(5):
+        rest = tokens[2:]
+        rng.shuffle(rest)
+        assert canonical_order(tokens[:2] + rest, 2) == expected
+
+
+def test_trained_vocabularies_are_saved_in_canonical_order(tmp_path, corpus, pipeline_out):
+    """The Rust trainer orders the alphabet and tied pieces by hash order; the saved ids follow a fixed
+    order instead (the same vocabulary always gets the same ids)."""
+    from train_teacher_tok import train_bert_tokenizer
+
+    train_bert_tokenizer([str(corpus)], 400, str(tmp_path / "t"), n_unused=3, min_frequency=1)
+    vocab = (tmp_path / "t" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert vocab[:8] == ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert vocab == canonical_order(vocab, 8)
+    tok = load_tokenizer(tmp_path / "t")
+    assert vocab_list(tok) == vocab and tok.mask_token_id == 7
+    assert tok("кот [MASK]")["input_ids"][-2:] == [7, 6]
+    student = (pipeline_out / "student" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    pieces = [t for t in student if len(t) > 1 and not (t.startswith("##") and len(t) == 3) and t[0] != "["]
+    assert pieces == sorted(pieces) and len(pieces) > 20
