@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from my_index import my_index, my_index_reduce, restrict_inverse_map
 
@@ -39,26 +40,91 @@ def _connected_zero(tensor: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def kl_div_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+KL_CHUNK_ELEMENTS = {"cpu": 2**20}
+"""Elements per row block of `kl_div_loss`'s work buffers by device type (others: `KL_CHUNK_DEFAULT`): cache-sized
+blocks on CPU, blocks of many rows (enough for a kernel per row block) on accelerators."""
+KL_CHUNK_DEFAULT = 2**24
+
+
+def _divide(logits: Tensor, temperature: float | Tensor, out: Tensor) -> Tensor:
+    """out = logits / temperature, computed in out's dtype (logits of any floating dtype); returns out."""
+    if logits.dtype == out.dtype:
+        return torch.div(logits, temperature, out=out)
+    return out.copy_(logits).div_(temperature)
+
+
+def _temperature_term(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """0-dim sum over rows r and columns c of p (d - K_r) log p + (q - p) log q for p, log_p, log_q [R, C],
+    with d = log p - log q, K_r = sum_c p d (the row's KL) and q = exp(log q). The row KL's derivative along
+    the scaled logits t / T is p (d - K_r), along s / T it is q - p; replacing t / T and s / T by log p and
+    log q (a row constant apart, which neither derivative sees) gives d KL_r / d T = -(row's sum) / T."""
+    pd = p * (log_p - log_q)
+    return ((pd - p * pd.sum(-1, keepdim=True)) * log_p + (log_q.exp() - p) * log_q).sum()
+
+
+class _KLDiv(torch.autograd.Function):
+    """T^2 / N * sum_r KL(softmax(t_r / T) || softmax(s_r / T)) for float [N, C] logits (N > 0), computed in
+    `dtype`; see `kl_div_loss`. Row blocks of `KL_CHUNK_ELEMENTS` go through two reused [R, C] work buffers;
+    one [N, C] tensor is written: the student's log-probabilities, then q - p over them, kept for the
+    gradient T / N * (q - p). A temperature tensor that requires a gradient also keeps the 0-dim factor of
+    d loss / d T = T / N * (2 KL - term) (KL summed over rows, term from `_temperature_term`). No double
+    backward."""
+
+    @staticmethod
+    def forward(ctx, teacher: Tensor, student: Tensor, temperature: float | Tensor, dtype: torch.dtype) -> Tensor:
+        temp = temperature.detach().to(dtype) if isinstance(temperature, Tensor) else temperature
+        n, c = student.shape
+        device = student.device
+        rows = max(1, KL_CHUNK_ELEMENTS.get(device.type, KL_CHUNK_DEFAULT) // max(c, 1))
+        q_minus_p = torch.empty((n, c), dtype=dtype, device=device)
+        work = torch.empty((2, min(rows, n), c), dtype=dtype, device=device)
+        kl = q_minus_p.new_zeros(())
+        t_term = q_minus_p.new_zeros(()) if ctx.needs_input_grad[2] else None
+        floor = torch.finfo(dtype).min
+        for start in range(0, n, rows):
+            block = slice(start, min(start + rows, n))
+            scaled, log_p = work[0, :block.stop - start], work[1, :block.stop - start]
+            torch.log_softmax(_divide(teacher[block], temp, scaled), -1, out=log_p).clamp_min_(floor)
+            log_q = torch.log_softmax(_divide(student[block], temp, scaled), -1, out=q_minus_p[block])
+            p = torch.exp(log_p, out=scaled)
+            if t_term is not None:
+                t_term += _temperature_term(p, log_p, log_q)
+            kl += log_p.sub_(log_q).mul_(p).sum()  # p (log p - log q); 0 where p == 0 (log p is clamped, finite)
+            log_q.exp_().sub_(p)
+        ctx.save_for_backward(q_minus_p, None if t_term is None else 2 * kl - t_term)
+        ctx.temp, ctx.n, ctx.student_dtype = temp, n, student.dtype
+        ctx.temperature_dtype = temperature.dtype if isinstance(temperature, Tensor) else None
+        return kl * (temp ** 2 / n)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[None, Tensor | None, Tensor | None, None]:
+        q_minus_p, t_factor = ctx.saved_tensors
+        scale = grad_out * (ctx.temp / ctx.n)
+        grad_student = torch.mul(q_minus_p, scale).to(ctx.student_dtype) if ctx.needs_input_grad[1] else None
+        grad_temperature = None if t_factor is None else (scale * t_factor).to(ctx.temperature_dtype)
+        return None, grad_student, grad_temperature, None
+
+
+def kl_div_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: float | Tensor) -> Tensor:
     """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)).
 
     teacher_logits, student_logits: float [N, C] (any floating dtype, same columns in the same order).
-    Returns a 0-dim fp32 tensor (fp64 for fp64 students). Gradients flow into `student_logits` only.
+    temperature: T > 0, a float or a 0-dim tensor (which gets a gradient when it requires one).
+    Returns a 0-dim fp32 tensor (fp64 for fp64 students). Gradients flow into `student_logits` (and a
+    temperature tensor) only: d loss / d student = T / N * (softmax(student / T) - softmax(teacher / T)).
     Teacher columns at -inf (or very negative) are safe: the teacher log-probabilities are clamped to the
-    most negative finite fp32 value, so such columns contribute exactly 0 instead of 0 * inf = NaN.
-    Student logits must be finite. N == 0 gives a zero connected to `student_logits`.
+    most negative finite value of the computation dtype, so such columns contribute exactly 0 instead of
+    0 * inf = NaN. Student logits must be finite. N == 0 gives a zero connected to `student_logits`.
+    One autograd function: a few passes over [N, C] forward, one backward; the work buffers are row blocks,
+    and only q - p [N, C] is kept for the backward.
     """
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)} "
                          "logits differ in shape")
     if student_logits.shape[0] == 0:
         return _connected_zero(student_logits)
-    dtype = _loss_dtype(student_logits.dtype)
-    teacher_log_probs = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
-    teacher_log_probs = teacher_log_probs.clamp_min(torch.finfo(dtype).min)
-    student_log_probs = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True)
-    return kl * (temperature ** 2 / student_logits.shape[0])
+    return _KLDiv.apply(teacher_logits.detach(), student_logits, temperature, _loss_dtype(student_logits.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from fsutil import atomic_write_json, staged_dir, temp_sibling
 from grouped_batch_sampler import GroupedBatchSampler
 from lm_seqs_dataset import Collator, LmSeqsDataset
 from step_runner import KLPlan, StudentRunner, combine_losses, teacher_forward
-from utils import DistInfo, memory_mb, param_digest, rng_state, set_rng_state
+from utils import DistInfo, adamw, load_optimizer_state, memory_mb, param_digest, rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
@@ -86,13 +86,13 @@ class TrainState:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.98); no weight decay on biases and LayerNorm weights."""
+    """AdamW (betas 0.9/0.98; fused where `utils.adamw` can); no weight decay on biases and LayerNorm weights."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=eps)
+    return adamw(groups, lr=lr, betas=(0.9, 0.98), eps=eps)
 
 
 class Distiller:
@@ -389,8 +389,8 @@ class Distiller:
         path = resolve_checkpoint(path)
         try:
             load_model(self.runner, str(path / "model.safetensors"), device=str(self.device))
-            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device,
-                                                      weights_only=True))
+            load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device,
+                                                            weights_only=True))
             blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as err:
             raise UserError(f"cannot resume from checkpoint {path}: {str(err).splitlines()[0]}; pass a complete "

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from errors import UserError
+from utils import adamw
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -134,11 +135,12 @@ class LrSchedule:
 
 
 def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and scalars (parameters with fewer than 2 dimensions)."""
+    """AdamW (fused where `utils.adamw` can); no weight decay on biases, norms and scalars (parameters with
+    fewer than 2 dimensions)."""
     decay = [p for _, p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for _, p in params if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, eps=cfg.adam_epsilon)
+    return adamw([g for g in groups if g["params"]], lr=cfg.lr, eps=cfg.adam_epsilon)
 
 
 class GlueTrainer:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import custom_step
 from custom_step import (
     IGNORE_INDEX,
     kl_div_loss,
@@ -104,6 +105,97 @@ def test_kl_empty_rows_and_shape_mismatch():
     assert student.grad.shape == (0, 5)
     with pytest.raises(ValueError, match="differ in shape"):
         kl_div_loss(torch.zeros(2, 5), torch.zeros(2, 4), 2.0)
+
+
+def kl_reference(teacher: torch.Tensor, student: torch.Tensor, temperature) -> torch.Tensor:
+    """The straightforward autograd formula: clamped teacher log-softmax, student log-softmax, F.kl_div."""
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    log_p = F.log_softmax(teacher.detach().to(dtype) / temperature, -1).clamp_min(torch.finfo(dtype).min)
+    log_q = F.log_softmax(student.to(dtype) / temperature, -1)
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True) * (temperature ** 2 / student.shape[0])
+
+
+def kl_inputs(n: int, c: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random teacher and student logits [n, c] with teacher columns at -inf and at -1e30 in some rows."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = 4 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    student = 4 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    teacher[:, 1] = -math.inf
+    teacher[::2, c - 1] = -1e30
+    return teacher.to(dtype), student.to(dtype)
+
+
+def kl_and_grad(fn, teacher: torch.Tensor, student: torch.Tensor, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    student = student.detach().clone().requires_grad_()
+    loss = fn(teacher, student, temperature)
+    (grad,) = torch.autograd.grad(loss, student)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_kl_gradcheck_and_equal_to_the_reference_formula_in_float64(temperature):
+    teacher, student = kl_inputs(6, 9, torch.float64, seed=3)
+    student.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: kl_div_loss(teacher, s, temperature), (student,))
+    loss, grad = kl_and_grad(kl_div_loss, teacher, student, temperature)
+    ref_loss, ref_grad = kl_and_grad(kl_reference, teacher, student, temperature)
+    assert loss.dtype == torch.float64 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("block_rows", [None, 2])
+def test_kl_learned_temperature_gradient(block_rows, monkeypatch):
+    if block_rows is not None:
+        monkeypatch.setitem(custom_step.KL_CHUNK_ELEMENTS, "cpu", block_rows * 7)
+    teacher, student = kl_inputs(5, 7, torch.float64, seed=4)
+    temperature = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    student.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, t: kl_div_loss(teacher, s, t), (student, temperature))
+    finite = teacher.clamp_min(-50.0)  # the reference formula's temperature gradient is NaN at -inf columns
+    grads = torch.autograd.grad(kl_div_loss(finite, student, temperature), (student, temperature))
+    ref_grads = torch.autograd.grad(kl_reference(finite, student, temperature), (student, temperature))
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    # an fp32 temperature with a bf16 student: the loss is fp32, the gradient reaches the temperature in fp32
+    t32 = torch.tensor(2.0, requires_grad=True)
+    kl_div_loss(finite.to(torch.bfloat16), student.detach().to(torch.bfloat16), t32).backward()
+    assert t32.grad.dtype == torch.float32 and torch.isfinite(t32.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_rows", [None, 7])
+def test_kl_equal_to_the_reference_formula_fp32_and_bf16(dtype, block_rows, monkeypatch):
+    if block_rows is not None:  # row blocks of 7: 9 full blocks and a last one of 1 row
+        monkeypatch.setitem(custom_step.KL_CHUNK_ELEMENTS, "cpu", block_rows * 300)
+    teacher, student = kl_inputs(64, 300, dtype, seed=5)
+    loss, grad = kl_and_grad(kl_div_loss, teacher, student, 2.0)
+    ref_loss, ref_grad = kl_and_grad(kl_reference, teacher, student, 2.0)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.isfinite(loss) and torch.isfinite(grad.float()).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7 if dtype == torch.float32 else 1e-4)
+
+
+def test_kl_keeps_only_q_minus_p_for_backward_and_is_once_differentiable():
+    teacher, student = kl_inputs(8, 50, torch.float32, seed=6)
+    student.requires_grad_()
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = kl_div_loss(teacher, student, 2.0)
+    assert sum(t.numel() for t in saved) == 8 * 50  # q - p only
+    (grad,) = torch.autograd.grad(loss, student, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+    empty = torch.zeros(0, 50, requires_grad=True)
+    loss = kl_div_loss(torch.zeros(0, 50), empty, 2.0)
+    loss.backward()
+    assert loss.item() == 0.0 and empty.grad.shape == (0, 50)
 
 
 # ---------------------------------------------------------------------------------------------------------
