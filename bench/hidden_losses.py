@@ -19,18 +19,18 @@ bench/train_step.py; the hidden-state terms use the settings of the paper's scri
 - `kl+contrastive_all`: contrastive 0.1 with every other row as a negative;
 - `kl+hyperbolic`: hyperbolic contrastive 0.1, 32 negatives, c = 1 (fixed), teacher -> student HypLinear;
 - `kl+mse/reduce`: MSE 0.1 with reduce alignment (a second student pass on the t2s input).
-Measurements (each configuration in a fresh worker: fork on CPU, spawn on CUDA): median wall time of
-`--steps` timed steps after `--warmup` untimed ones; peak memory = on CPU the peak resident set during the
-timed steps minus the resident set before them (glibc mmap threshold 64 KiB, VmHWM reset through
-/proc/self/clear_refs), on CUDA `max_memory_allocated` minus the memory allocated before them. The table
-gives both and their ratio to the `kl` row.
+Measurements (each configuration in a fresh worker: fork on CPU, spawn on CUDA), as `train_step.measure_steps`
+takes them after `--warmup` untimed steps: peak memory = on CPU the peak resident set during `--steps` steps
+minus the resident set before them (glibc mmap threshold 64 KiB, VmHWM reset through /proc/self/clear_refs),
+on CUDA `max_memory_allocated` minus the memory allocated before them; then the median wall time of the same
+`--steps` batches, timed with the allocator keeping freed memory (mmap threshold 32 MiB) as in training. The
+table gives both and their ratio to the `kl` row.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import os
 import statistics
 import sys
@@ -48,10 +48,8 @@ from bench import train_step as ts  # noqa: E402  (sets the environment of the b
 from bench._common import (  # noqa: E402
     machine_info,
     markdown_table,
-    reset_peak_rss,
     run_isolated,
     run_main,
-    status_kib,
     write_report,
 )
 
@@ -101,34 +99,17 @@ def measure(cfg: dict) -> dict:
     hidden = build_hidden_losses(args, student, teacher, align, len(pool))
     runner = ts.StudentRunner(student, mlm=True, kl=kl, hidden=hidden)
     distiller = ts.make_distiller(args, device, runner, teacher, pool, collator, token_probs)
-    index = 0
-    while index < cfg["warmup"]:
-        ts.train_step(distiller, pool, batches[index % len(batches)])
-        index += 1
-    ts.synchronize(device)
-    if cfg["isolated"]:
-        gc.collect()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    else:
-        resettable = reset_peak_rss()
-        before = (status_kib("VmRSS") or 0) * 1024
-    times = []
-    for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
-        ts.train_step(distiller, pool, batches[index % len(batches)])
-        ts.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        index += 1
-    peak = (torch.cuda.max_memory_allocated(device) if cuda else (status_kib("VmHWM") or 0) * 1024) - before
+    def step(index: int) -> int:
+        return ts.train_step(distiller, pool, batches[index % len(batches)])
+
+    for index in range(cfg["warmup"]):
+        step(index)
+    m = ts.measure_steps(step, cfg, device, cfg["warmup"])
     with torch.no_grad():  # the loss terms of one more batch, for the record
         batch = distiller._batch(pool, batches[0])
         _, losses = distiller._losses(batch, distiller.generator)
-    return {"step_s": statistics.median(times), "step_s_all": times, "peak_mib": peak / 2**20,
-            "peak_method": "cuda max_memory_allocated - allocated before" if cuda else
-            "VmHWM - VmRSS before" + ("" if resettable else " (VmHWM not resettable: includes set-up)"),
+    return {"step_s": statistics.median(m["times"]), "step_s_all": m["times"], "peak_mib": m["peak"] / 2**20,
+            "peak_method": m["method"],
             "hidden_parameters": sum(p.numel() for p in hidden.parameters()) if hidden is not None else 0,
             "aligned_rows_per_batch": stats.get("matched_tokens"), "losses": {k: float(v) for k, v in losses.items()},
             **{k: v for k, v in stats.items() if k != "max_len"}}
@@ -193,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    "warmup": a.warmup, "device": str(device), "threads": threads, "seed": a.seed,
                    "isolated": isolation != "none"}
             t0 = time.perf_counter()
-            measured = run_isolated(measure, cfg, isolation, child_setup=ts.set_malloc_mmap_threshold)
+            measured = run_isolated(measure, cfg, isolation)
             r = {**cfg, **measured, "wall_s": time.perf_counter() - t0}
             results.append(r)
             brief = f"error {r['error']}" if "error" in r else \

@@ -34,13 +34,15 @@ as find_matching_ids would mark it) with probability 0.9 and re-splits every oth
 Measurements, each configuration in a fresh worker process (`--isolation fork` on CPU: forked from this
 process after torch and transformers are imported but before any computation; `spawn` on CUDA; `none` runs
 in-process, for the tests; its memory readings are not meaningful):
-- time: `--warmup` untimed steps, then `--steps` timed steps (collate + forward + backward + optimizer
-  step, synchronised at the end of each); tokens/s = student tokens (the trainer's count) / time; the
-  table's ms/step is the median;
-- peak memory: on CPU the peak resident set during the timed steps minus the resident set before them
-  (the worker sets glibc's mmap threshold to 64 KiB so that freed tensors leave the resident set, and resets
-  the kernel's high-water mark VmHWM through /proc/self/clear_refs before the timed steps); on CUDA
+- peak memory: on CPU, `--steps` steps after `--warmup` untimed ones, with glibc's mmap threshold at
+  64 KiB (freed tensors leave the resident set); the peak resident set during them minus the resident set
+  before them (the kernel's high-water mark VmHWM reset through /proc/self/clear_refs first); on CUDA
   `torch.cuda.max_memory_allocated` minus the memory allocated before the timed steps;
+- time: then the same `--steps` batches again, timed (collate + forward + backward + optimizer step,
+  synchronised at the end of each), on CPU with the allocator keeping freed memory as it does in training
+  (mmap threshold 32 MiB: with 64 KiB every large tensor would be faulted in afresh, about 0.5 ms per MB,
+  charged to the op that writes it first); tokens/s = student tokens (the trainer's count) / time; the
+  table's ms/step is the median. The profile below runs under the same settings;
 - FLOP per step: `torch.utils.flop_counter.FlopCounterMode` over the first warm-up step (matrix products
   and attention, forward and backward, teacher included; the CPU flash-attention kernels counted with
   torch's SDPA formulas); achieved FLOP/s = FLOP per step / median step time, against a GEMM peak measured
@@ -65,6 +67,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -432,14 +435,65 @@ def profile_shares(distiller: Distiller, pool: SequencePool, batches: list[list[
             "python_glue_share": glue / 1e6 / wall, "phases_s": phases, "top_ops": top_ops}
 
 
-def set_malloc_mmap_threshold(threshold: int = 65536) -> bool:
-    """glibc: allocations above `threshold` bytes get their own mmap (freed memory leaves the resident set)."""
+MALLOC_FOR_MEMORY = (64 << 10, 0)
+"""glibc mmap and trim thresholds for the memory phase: tensors above 64 KiB get their own mapping and freed
+memory leaves the resident set at once, so the resident set follows the live tensors."""
+MALLOC_FOR_SPEED = (32 << 20, 64 << 20)
+"""... and for the timed phase: glibc's largest dynamic mmap threshold (where its default settles after a few
+large frees) and twice that as trim threshold, so freed memory is reused as in training instead of being
+returned and faulted in again (which would charge page faults to whichever op first writes a tensor)."""
+
+
+def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
+    """glibc: allocations above `mmap_threshold` bytes get their own mmap; the heap top is returned to the
+    system above `trim_threshold` bytes. False where glibc is missing or refuses."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 0))
+    return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
+
+
+def measure_steps(step, cfg: dict, device: torch.device, start: int) -> dict:
+    """Peak memory and time of `cfg["steps"]` steps `step(start + k)` (each returns its token count).
+
+    CPU in a worker process (`cfg["isolated"]`): a memory phase under `MALLOC_FOR_MEMORY` (peak = VmHWM
+    after - VmRSS before, the high-water mark reset first) and then a timed phase over the same batches under
+    `MALLOC_FOR_SPEED`. CUDA: one phase (`max_memory_allocated` - allocated before). In-process (tests): one
+    phase with the process's malloc settings. Returns step times, tokens, peak bytes and how they were read."""
+    synchronize(device)
+    steps = range(start, start + cfg["steps"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        method = "cuda max_memory_allocated - allocated before"
+    else:
+        two_phases = cfg["isolated"] and set_malloc(*MALLOC_FOR_MEMORY)
+        if cfg["isolated"]:  # in-process (tests) the collection is slow and the memory reading approximate anyway
+            gc.collect()
+        resettable = reset_peak_rss()
+        before = (status_kib("VmRSS") or 0) * 1024
+        method = "VmHWM - VmRSS before" + ("" if resettable else " (VmHWM not resettable: includes set-up)")
+        if two_phases:
+            for index in steps:
+                step(index)
+            peak = (status_kib("VmHWM") or 0) * 1024 - before
+            set_malloc(*MALLOC_FOR_SPEED)
+            method += ", memory phase (mmap threshold 64 KiB) before the timed phase (32 MiB)"
+    times, tokens = [], 0
+    for index in steps:
+        t0 = time.perf_counter()
+        tokens += step(index)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak, resident = torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device)
+    else:
+        resident = before
+        if not two_phases:
+            peak = (status_kib("VmHWM") or 0) * 1024 - before
+    return {"times": times, "tokens": tokens, "peak": peak, "resident": resident, "method": method}
 
 
 def measure_config(cfg: dict) -> dict:
@@ -483,35 +537,13 @@ def measure_config(cfg: dict) -> dict:
     while index < cfg["warmup"]:
         step(index)
         index += 1
-    synchronize(device)
-    if cfg["isolated"]:  # in-process (tests) the collection is slow and the memory reading approximate anyway
-        gc.collect()
-    accel = device.type == "cuda"
-    if accel:
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        peak_method = "cuda max_memory_allocated - allocated before"
-    else:
-        resettable = reset_peak_rss()
-        before = (status_kib("VmRSS") or 0) * 1024
-        peak_method = "VmHWM - VmRSS before" + ("" if resettable else " (VmHWM not resettable: includes set-up)")
-    times, tokens = [], 0
-    for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
-        tokens += step(index)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        index += 1
-    if accel:
-        peak = torch.cuda.max_memory_allocated(device) - before
-        resident = torch.cuda.memory_allocated(device)
-    else:
-        peak = (status_kib("VmHWM") or 0) * 1024 - before
-        resident = before
+    m = measure_steps(step, cfg, device, index)
+    index += cfg["steps"]
+    times, tokens = m["times"], m["tokens"]
     step_s = statistics.median(times)
     result = {"tokens_per_s": tokens / sum(times), "step_s": step_s, "step_s_all": times,
-              "student_tokens_per_step": tokens / len(times), "peak_mib": peak / 2**20,
-              "resident_before_mib": resident / 2**20, "peak_method": peak_method, "setup_s": setup_s,
+              "student_tokens_per_step": tokens / len(times), "peak_mib": m["peak"] / 2**20,
+              "resident_before_mib": m["resident"] / 2**20, "peak_method": m["method"], "setup_s": setup_s,
               "reduce_map_impl": kl.impl if kl is not None and kl.align == "reduce_map" else None, **stats, **flop}
     result["teacher_tokens_per_s"] = stats["teacher_tokens"] / stats["student_tokens"] * result["tokens_per_s"]
     if flop:
@@ -781,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm = run_isolated(measure_gemm, {**base, "precisions": precisions, "gemm_min_s": (0.05 if cpu else 0.002) * scale,
                                          "gemm_max_s": (0.5 if cpu else 0.05) * scale, "gemm_max_n": 4096 if cpu else 16384,
                                          "gemm_budget_s": (0.2 if cpu else 0.05) * scale}, isolation,
-                        child_setup=set_malloc_mmap_threshold)
+                        child_setup=functools.partial(set_malloc, *MALLOC_FOR_SPEED))
     if "error" in gemm:
         raise BenchError(f"GEMM peak measurement failed: {gemm['error']}")
     for precision, g in gemm.items():
@@ -807,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
                        "seq_len": a.seq_len, "steps": a.steps, "warmup": a.warmup, "profile_steps": a.profile_steps,
                        "flops": a.flops}
                 t0 = time.perf_counter()
-                measured = run_isolated(measure_config, cfg, isolation, child_setup=set_malloc_mmap_threshold)
+                measured = run_isolated(measure_config, cfg, isolation)
                 r = {**cfg, **measured, "wall_s": time.perf_counter() - t0}
                 if "achieved_flop_per_s" in r:
                     r["gemm_peak_fraction"] = r["achieved_flop_per_s"] / gemm[precision]["flop_per_s"]
@@ -819,7 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = check_targets(results, target_size)
     legend = (f"batch {a.batch_size} x {a.seq_len} teacher tokens, {threads} threads on {device}; tokens/s = student "
               "tokens per second, median ms/step over the timed steps (collate + forward + backward + AdamW), peak "
-              "MiB = peak memory of the timed steps above what was resident before them, GFLOP/s against the "
+              "MiB = peak memory of the same steps above what was resident before them (CPU: measured in a phase of "
+              "its own with freed memory returned at once, see the module docstring), GFLOP/s against the "
               "GEMM peak of the same run, GEMM share = time in aten::mm/addmm/bmm/matmul/linear (+ attention) "
               "over the profiled step")
     report = (table(results) + "\n\n" + legend + "\n\nTargets:\n"
