@@ -15,6 +15,10 @@ corpus=runs/cache/corpus/ru_sentences.txt
 $py bench/preprocessing.py --corpus "$corpus"
 $py bench/my_index.py
 $py bench/train_step.py "${quick[@]}"
+$py bench/kl_loss.py "${quick[@]}"
 $py bench/hidden_losses.py "${quick[@]}"
-[[ -f bench/parity.py ]] && $py bench/parity.py --corpus "$corpus" "${quick[@]}"
+if [[ ${#quick[@]} -eq 0 ]]; then
+    $py bench/hidden_losses.py --batch_size 16 --seq_len 256 --out bench/results/hidden_losses_b16x256.json
+fi
+$py bench/parity.py --corpus "$corpus" "${quick[@]}"
 $py bench/collect.py
