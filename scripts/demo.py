@@ -13,7 +13,7 @@ Stages (each prints one line with its elapsed time; its commands' output goes to
  5. baseline    the same student, initialisation, data and number of updates, MLM only;
  6. evaluate    held-out MLM accuracy, parameters, size on disk, CPU latency and throughput;
  7. topics      topic classification of fortunes-ru texts with distil-finetuned-en/ (each model fine-tuned
-                the same way), dev accuracy;
+                the same way, once per seed: 3 in full mode), dev accuracy: mean and spread over the seeds;
  8. report      OUT/report.md, OUT/report.json, OUT/losses.png, OUT/comparison.png.
 A failing stage stops the demo with the stage's name and its log file.
 """
@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ class Setup:
     max_len: int = 128
     n_topics: int = 6
     topic_epochs: int = 3
+    topic_seeds: int = 3
     topic_max_per_class: int = 600
     speed_repeats: int = 10
     topic_max_len: int = 128
@@ -72,7 +74,7 @@ MODES = {
     "quick": Setup(train_sentences=12000, heldout_sentences=400, teacher_vocab=3000, teacher_layers=2,
                    teacher_hidden=128, teacher_heads=2, teacher_steps=150, student_vocab=800, student_layers=2,
                    student_dim=64, student_heads=2, student_ffn=256, kd_steps=80, topic_epochs=1,
-                   topic_max_per_class=120, speed_repeats=3, topic_max_len=64),
+                   topic_seeds=1, topic_max_per_class=120, speed_repeats=3, topic_max_len=64),
     "full": Setup(train_sentences=0, heldout_sentences=2000, teacher_vocab=16000, teacher_layers=3,
                   teacher_hidden=192, teacher_heads=4, teacher_steps=5000, student_vocab=4000, student_layers=2,
                   student_dim=64, student_heads=4, student_ffn=256, kd_steps=1200),
@@ -270,19 +272,23 @@ class Demo:
                 fh.write(f"{name}: {json.dumps(result)}\n")
 
     def topics(self) -> None:
-        """Fine-tune every model the same way on the topic task (single_sentence format); dev accuracy."""
+        """Fine-tune every model the same way on the topic task (single_sentence format), once per seed of
+        `topic_seeds`; dev accuracy: mean, standard deviation over the seeds, and each seed's value."""
         s, task = self.setup, self.out / "data" / "topics"
         params = self.out / "data" / "topic_tokenizer.yaml"
         atomic_write_text(params, f"max_length: {s.topic_max_len}\n")
         for name, path in self.model_dirs().items():
-            dumps = self.out / "topics" / name
-            self.sh(self.py, ROOT / "distil-finetuned-en" / "train.py", "--glue_dataset", "single_sentence",
-                    "--glue_dir", task, "--num_labels", len(self.facts["topics"]["labels"]), "--tokenizer_name", path,
-                    "--tokenizer_params", params, "--dumps_dir", dumps, "--force", "--batch_size", 32,
-                    "--lr", "2e-4", "--seed", 0, "train_single", "--model_name", path, "--from_pretrained",
-                    "--n_epochs", s.topic_epochs, "--warmup_prop", "0.1")
-            results = json.loads((dumps / "results.json").read_text(encoding="utf-8"))
-            self.models.setdefault(name, {})["topic_acc"] = results["dev"]["accuracy"]
+            accs = []
+            for seed in range(s.topic_seeds):
+                dumps = self.out / "topics" / name / f"seed{seed}"
+                self.sh(self.py, ROOT / "distil-finetuned-en" / "train.py", "--glue_dataset", "single_sentence",
+                        "--glue_dir", task, "--num_labels", len(self.facts["topics"]["labels"]), "--tokenizer_name",
+                        path, "--tokenizer_params", params, "--dumps_dir", dumps, "--force", "--batch_size", 32,
+                        "--lr", "2e-4", "--seed", seed, "train_single", "--model_name", path, "--from_pretrained",
+                        "--n_epochs", s.topic_epochs, "--warmup_prop", "0.1")
+                accs.append(json.loads((dumps / "results.json").read_text(encoding="utf-8"))["dev"]["accuracy"])
+            self.models.setdefault(name, {}).update(
+                topic_acc=statistics.fmean(accs), topic_acc_std=statistics.pstdev(accs), topic_acc_seeds=accs)
 
     def report(self) -> None:
         from demo_report import read_scalars, write_report
@@ -342,10 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         result = demo.run()
     except StageFailed as err:
         raise UserError(str(err)) from err
+    from demo_report import topic_verdict
+
     kd, base = result["student_kd"], result["student_baseline"]
     print(f"[demo] compression {result['compression']:.1f}x, speed-up {result['speedup']:.1f}x; MLM accuracy "
           f"distilled {kd['mlm_acc']:.3f} vs baseline {base['mlm_acc']:.3f}; topic accuracy "
-          f"{kd['topic_acc']:.3f} vs {base['topic_acc']:.3f}")
+          f"{kd['topic_acc']:.3f} vs {base['topic_acc']:.3f} ({topic_verdict(kd, base)})")
     print(f"[demo] report: {demo.out / 'report.md'}")
     return 0
 

@@ -12,7 +12,8 @@ from fsutil import atomic_write_json, atomic_write_text
 
 MODELS = ("teacher", "student_kd", "student_baseline")
 LABELS = {"teacher": "teacher", "student_kd": "student (distilled)", "student_baseline": "student (MLM only)"}
-METRICS = ("params", "size_mb", "vocab_size", "latency_ms", "throughput_seq_s", "mlm_acc", "topic_acc")
+METRICS = ("params", "size_mb", "vocab_size", "latency_ms", "throughput_seq_s", "mlm_acc", "topic_acc",
+           "topic_acc_std", "topic_acc_seeds")
 
 
 def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
@@ -62,7 +63,8 @@ def _plot_losses(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pa
     axes[1].set_title("validation loss (each run's own objective)")
     for ax in axes:
         ax.set_xlabel("update")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -81,7 +83,8 @@ def _plot_bars(report: dict, path: Path) -> None:
     colours = ["#4c72b0", "#55a868", "#c44e52"]
     for ax, (metric, title) in zip(axes, panels):
         values = [report[m][metric] or 0 for m in MODELS]
-        ax.bar(range(len(MODELS)), values, color=colours)
+        errors = [report[m].get(f"{metric}_std") or 0 for m in MODELS]
+        ax.bar(range(len(MODELS)), values, color=colours, yerr=errors if any(errors) else None, capsize=4)
         ax.set_xticks(range(len(MODELS)), [LABELS[m].replace(" (", "\n(") for m in MODELS], fontsize=8)
         ax.set_title(title)
         for i, v in enumerate(values):
@@ -99,6 +102,24 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _topic(r: dict) -> str:
+    """Mean topic accuracy, with ± the standard deviation over the seeds when there were several."""
+    seeds = r.get("topic_acc_seeds") or []
+    return _fmt(r["topic_acc"]) + (f" ± {r['topic_acc_std']:.3f}" if len(seeds) > 1 else "")
+
+
+def topic_verdict(kd: dict, base: dict) -> str:
+    """'better' / 'not better' for the distilled student's topic accuracy; a difference no larger than the
+    larger seed standard deviation of the two is called 'within the seed spread'."""
+    if kd.get("topic_acc") is None or base.get("topic_acc") is None:
+        return "not measured"
+    spread = max(kd.get("topic_acc_std") or 0.0, base.get("topic_acc_std") or 0.0)
+    diff = kd["topic_acc"] - base["topic_acc"]
+    if spread > 0 and abs(diff) <= spread:
+        return f"within the seed spread of {spread:.3f}"
+    return "better" if diff > 0 else "not better"
+
+
 def markdown(report: dict, context: dict) -> str:
     """The report as Markdown (tables; the PNGs are linked)."""
     rows = ["| model | params | size (MB) | vocab | latency (ms, bs 1) | throughput (seq/s, bs 32) | MLM acc | "
@@ -107,15 +128,14 @@ def markdown(report: dict, context: dict) -> str:
         r = report[name]
         rows.append(f"| {LABELS[name]} | {_fmt(r['params'])} | {_fmt(r['size_mb'], 2)} | {_fmt(r['vocab_size'])} | "
                     f"{_fmt(r['latency_ms'], 1)} | {_fmt(r['throughput_seq_s'], 1)} | {_fmt(r['mlm_acc'])} | "
-                    f"{_fmt(r['topic_acc'])} |")
+                    f"{_topic(r)} |")
     kd, base = report["student_kd"], report["student_baseline"]
     verdict = [
         f"- compression (teacher / student parameters): **{report['compression']:.1f}x**; speed-up (student / "
         f"teacher throughput): **{report['speedup']:.1f}x**",
         f"- distilled vs baseline student: MLM accuracy {kd['mlm_acc']:.3f} vs {base['mlm_acc']:.3f} "
         f"({'better' if kd['mlm_acc'] > base['mlm_acc'] else 'not better'}), topic accuracy "
-        f"{_fmt(kd['topic_acc'])} vs {_fmt(base['topic_acc'])} "
-        f"({'better' if (kd['topic_acc'] or 0) > (base['topic_acc'] or 0) else 'not better'})",
+        f"{_topic(kd)} vs {_topic(base)} ({topic_verdict(kd, base)})",
     ]
     lines = ["# Demo report: reduced-vocabulary distillation on Russian text", "",
              f"Mode: `{context.get('mode')}`; finished {context.get('finished')}; total time "
@@ -123,7 +143,8 @@ def markdown(report: dict, context: dict) -> str:
              *verdict, "", *rows, "",
              "MLM accuracy: each model in its own tokenization (the students share theirs), same held-out "
              "sentences, 15% of content tokens masked with a fixed seed. Topic accuracy: fine-tuned on the "
-             "fortunes-ru topic task (`distil-finetuned-en/`), dev split. Speed: CPU, "
+             "fortunes-ru topic task (`distil-finetuned-en/`), dev split; mean ± standard deviation over the "
+             "fine-tuning seeds when there are several. Speed: CPU, "
              f"{context.get('threads')} threads, sequence length 128.", "",
              "## Setup", "", "```json", json.dumps(context.get("setup", {}), indent=1, ensure_ascii=False), "```", "",
              "## Stages", "", "| stage | minutes |", "|---|---|",

@@ -113,3 +113,26 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path):
     with pytest.raises(demo.StageFailed, match=r"stage 'pipeline'.*pipeline\.log"):
         d.run_stage("pipeline", lambda: d.sh(d.py, "-c", "import sys; print('boom'); sys.exit(3)"))
     assert "boom" in (d.logs / "pipeline.log").read_text()
+
+
+def test_topic_accuracy_over_seeds_in_the_report(tmp_path):
+    models = {name: {"params": p, "size_mb": 1.0, "vocab_size": 100, "latency_ms": 1.0, "throughput_seq_s": 10.0,
+                     "mlm_acc": 0.3, "topic_acc": acc, "topic_acc_std": std, "topic_acc_seeds": [acc - std, acc + std]}
+              for name, p, acc, std in zip(MODELS, (1000, 100, 100), (0.5, 0.38, 0.36), (0.01, 0.03, 0.01))}
+    report = write_report(tmp_path, models, {}, {"mode": "test"})
+    text = (tmp_path / "report.md").read_text()
+    assert "0.380 ± 0.030" in text and "within the seed spread of 0.030" in text
+    assert report["student_kd"]["topic_acc_seeds"] == pytest.approx([0.35, 0.41])
+
+
+def test_topic_verdict():
+    from demo_report import topic_verdict
+
+    assert topic_verdict({"topic_acc": 0.40, "topic_acc_std": 0.01}, {"topic_acc": 0.36, "topic_acc_std": 0.02}) \
+        == "better"
+    assert topic_verdict({"topic_acc": 0.30, "topic_acc_std": 0.01}, {"topic_acc": 0.36, "topic_acc_std": 0.02}) \
+        == "not better"
+    assert topic_verdict({"topic_acc": 0.37, "topic_acc_std": 0.0}, {"topic_acc": 0.36, "topic_acc_std": 0.02}) \
+        .startswith("within")
+    assert topic_verdict({"topic_acc": 0.37}, {"topic_acc": 0.36}) == "better"  # one seed: no spread known
+    assert topic_verdict({"topic_acc": None}, {"topic_acc": 0.36}) == "not measured"
