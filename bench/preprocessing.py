@@ -299,14 +299,15 @@ def read_lines(corpus: list[str], n: int) -> list[str]:
     return lines
 
 
-def best_time(fn, repeats: int) -> tuple[float, float]:
-    """(wall, CPU) seconds of the fastest of `repeats` calls; CPU counts every thread of this process."""
+def best_time(fn, repeats: int) -> tuple[tuple[float, float], object]:
+    """((wall, CPU) seconds of the fastest of `repeats` calls, the last call's result); CPU counts every
+    thread of this process."""
     best = (float("inf"), float("inf"))
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.process_time()
-        fn()
+        result = fn()
         best = min(best, (time.perf_counter() - start, time.process_time() - cpu))
-    return best
+    return best, result
 
 
 def python_tokenizer(tok):
@@ -359,17 +360,21 @@ def encode_speed(teacher_dir: str, student_dir: str, corpus: list[str], n: int, 
         return [[tok(line)["input_ids"] for line in few] for tok in slow]
 
     plain()  # warm-up (thread pool, caches)
-    times = {"word_cache": (best_time(batched, repeats), len(lines)), "batched_plain": (best_time(plain, repeats), len(lines)),
-             "hf_per_sentence": (best_time(hf_loop, 1), len(lines)),
-             "backend_per_sentence": (best_time(backend_loop, 1), len(lines)),
-             "python_per_sentence": (best_time(slow_loop, 1), len(few))}
+    runs = {"word_cache": (batched, repeats, len(lines)), "batched_plain": (plain, repeats, len(lines)),
+            "hf_per_sentence": (hf_loop, 1, len(lines)), "backend_per_sentence": (backend_loop, 1, len(lines)),
+            "python_per_sentence": (slow_loop, 1, len(few))}
+    times, outputs = {}, {}
+    for key, (fn, n_runs, n_lines) in runs.items():
+        wall_cpu, outputs[key] = best_time(fn, n_runs)
+        times[key] = (wall_cpu, n_lines)
     # every path must give the ids of the per-sentence HF loop
-    reference = [np.fromiter((i for ids in side for i in ids), dtype=np.int64) for side in hf_loop()]
-    for name, result in (("word_cache", batched()), ("batched_plain", plain())):
+    reference = [np.fromiter((i for ids in side for i in ids), dtype=np.int64) for side in outputs["hf_per_sentence"]]
+    for name in ("word_cache", "batched_plain"):
         for k, ref in enumerate(reference):
-            if not np.array_equal(ref, np.concatenate([block[k][0] for block in result])):
+            if not np.array_equal(ref, np.concatenate([block[k][0] for block in outputs[name]])):
                 raise BenchError(f"the {name} encoding differs from the per-sentence loop")
-    slow_equal = sum(a == b for side in zip(hf_loop(), slow_loop()) for a, b in zip(side[0][:len(few)], side[1]))
+    slow_equal = sum(a == b for side in zip(outputs["hf_per_sentence"], outputs["python_per_sentence"])
+                     for a, b in zip(side[0][:len(few)], side[1]))
     n_tokens = int(sum(ref.size for ref in reference))
     res = {"lines": len(lines), "python_lines": len(few), "tokens_both_sides": n_tokens, "repeats": repeats,
            "block_lines": BLOCK_LINES, "threads": int(os.environ.get("RAYON_NUM_THREADS", "0")) or None,
