@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import tempfile
@@ -99,6 +98,7 @@ def measure(cfg: dict) -> dict:
     hidden = build_hidden_losses(args, student, teacher, align, len(pool))
     runner = ts.StudentRunner(student, mlm=True, kl=kl, hidden=hidden)
     distiller = ts.make_distiller(args, device, runner, teacher, pool, collator, token_probs)
+
     def step(index: int) -> int:
         return ts.train_step(distiller, pool, batches[index % len(batches)])
 
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not names or not configs:
         raise ts.BenchError(f"unknown sizes/configs {bad}; sizes: {', '.join(ts.SIZES)}; configs: {', '.join(CONFIGS)}")
     device = ts.choose_device(a.device)
-    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    isolation = a.isolation if a.isolation != "auto" else ("spawn" if device.type == "cuda" else "fork")
+    threads, isolation = ts.workers(a.threads, a.isolation, device)
     results = []
     for name in names:
         for config in configs:

@@ -17,7 +17,6 @@ also returns the loss and the gradient's norm; the run fails when the two implem
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -110,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         a.shapes, a.steps = "64x500", 2
     shapes = parse_shapes(a.shapes)
     device = ts.choose_device(a.device)
-    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    isolation = a.isolation if a.isolation != "auto" else ("spawn" if device.type == "cuda" else "fork")
+    threads, isolation = ts.workers(a.threads, a.isolation, device)
     results, rows = [], []
     for n_rows, n_cols in shapes:
         by_impl = {}

@@ -43,23 +43,6 @@ MODES = ("sum", "logsumexp")
 SPLIT_LENGTH_PROBS = (0.45, 0.3, 0.14, 0.07, 0.03, 0.01)
 
 
-def _status_kib(field: str) -> int:
-    """A `VmXXX:` field of /proc/self/status, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def synthetic_maps(n_teacher: int, n_student: int, width: int, cut_len: int, seed: int):
     """(t2s_padded [V_T, S], mapped ids [K], s2t_padded [V_S, C], s2t_idxs_padded [V_S, C]) as int64 tensors."""
     import numpy as np
@@ -93,7 +76,15 @@ def worker(cfg: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
+    from bench._common import reset_peak_rss, status_kib
     from custom_step import reduce_map_logits
+
+    def rss_kib(field: str) -> int:
+        """A `VmXXX:` field of /proc/self/status in KiB; an error where it cannot be read."""
+        value = status_kib(field)
+        if value is None:
+            raise RuntimeError(f"{field} not in /proc/self/status")
+        return value
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -111,21 +102,21 @@ def worker(cfg: dict) -> dict:
         reduced.grad = None
 
     times, peaks = [], []
-    resettable = accel or _reset_peak()
+    resettable = accel or reset_peak_rss()
     for run in range(cfg["warmup"] + cfg["reps"]):
         if accel:
             torch.accelerator.synchronize()
             torch.accelerator.reset_peak_memory_stats()
             before = torch.accelerator.memory_allocated()
         else:
-            resettable = resettable and _reset_peak()
-            before = _status_kib("VmRSS") * 1024
+            resettable = resettable and reset_peak_rss()
+            before = rss_kib("VmRSS") * 1024
         start = time.perf_counter()
         step()
         if accel:
             torch.accelerator.synchronize()
         elapsed = time.perf_counter() - start
-        peak = torch.accelerator.max_memory_allocated() if accel else _status_kib("VmHWM") * 1024
+        peak = torch.accelerator.max_memory_allocated() if accel else rss_kib("VmHWM") * 1024
         peaks.append((peak - before) / 2**20 if resettable or run == 0 else None)
         if run >= cfg["warmup"]:
             times.append(elapsed)

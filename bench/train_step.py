@@ -444,6 +444,18 @@ large frees) and twice that as trim threshold, so freed memory is reused as in t
 returned and faulted in again (which would charge page faults to whichever op first writes a tensor)."""
 
 
+def workers(threads: int | None, isolation: str, device: torch.device) -> tuple[int, str]:
+    """(torch threads, worker isolation) from --threads and --isolation: by default the CPUs this process may
+    use, and fork on CPU / spawn on CUDA; fork with CUDA is refused (a forked child cannot use the parent's
+    CUDA state)."""
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    isolation = isolation if isolation != "auto" else ("spawn" if device.type == "cuda" else "fork")
+    if isolation == "fork" and device.type == "cuda":
+        raise BenchError("--isolation fork cannot be used with CUDA (a forked child cannot use the parent's CUDA "
+                         "state); use --isolation spawn or auto")
+    return threads, isolation
+
+
 def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
     """glibc: allocations above `mmap_threshold` bytes get their own mmap; the heap top is returned to the
     system above `trim_threshold` bytes. False where glibc is missing or refuses."""
@@ -800,11 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.seq_len < 3 or a.warmup < 0 or a.profile_steps < 0:
         raise BenchError("--seq_len must be at least 3, --warmup and --profile_steps not negative")
     device = choose_device(a.device)
-    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    isolation = a.isolation if a.isolation != "auto" else ("spawn" if device.type == "cuda" else "fork")
-    if isolation == "fork" and device.type == "cuda":
-        raise BenchError("--isolation fork cannot be used with CUDA (a forked child cannot use the parent's CUDA "
-                         "state); use --isolation spawn or auto")
+    threads, isolation = workers(a.threads, a.isolation, device)
     base = {"device": str(device), "threads": threads, "seed": a.seed, "isolated": isolation != "none"}
     print(f"device {device}, {threads} threads, isolation {isolation}", file=sys.stderr, flush=True)
 
