@@ -186,8 +186,7 @@ class BlockEncoder:
     def __init__(self, backends, max_words: int = 300_000):
         self.backends = list(backends)
         self.max_words = max_words
-        self.blockers = [word_split_blocker(b) for b in self.backends]
-        self.caches = [WordCache(b) if blocker is None else None for b, blocker in zip(self.backends, self.blockers)]
+        self.caches = [WordCache(b) if word_split_blocker(b) is None else None for b in self.backends]
         self._index: dict[str, int] = {}
 
     @property

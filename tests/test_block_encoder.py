@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -55,6 +56,7 @@ def corpus_texts(seed: int = 1, n: int = 400) -> list[str]:
     return [sentence(rng) for _ in range(n)]
 
 
+@functools.cache  # built once for the whole module (the encoder never changes a tokenizer)
 def qualifying_tokenizers() -> dict[str, Tokenizer]:
     texts = corpus_texts()
     bert = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
@@ -81,6 +83,7 @@ def qualifying_tokenizers() -> dict[str, Tokenizer]:
     return toks
 
 
+@functools.cache
 def blocked_tokenizers() -> dict[str, tuple[Tokenizer, str]]:
     texts = corpus_texts()
     bert = normalizers.BertNormalizer(lowercase=False)
