@@ -21,9 +21,9 @@ Without `--teacher_name` only the MLM loss is trained (the no-distillation basel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from artifacts import (
     load_teacher2student,
     read_manifest,
 )
-from errors import UserError, run_cli
+from errors import UserError
 from fsutil import atomic_write_json
 
 ALIGN_CHOICES = ("match", "reduce")
@@ -396,9 +396,20 @@ def prepare_dump(a: argparse.Namespace) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    """Build everything and train; returns 0."""
+    """Build everything and train, in every process of a torchrun job; returns 0. A process that fails raises and
+    leaves the process group joined: `end_process` then exits without a collective tear-down."""
     validate_args(a)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from utils import init_distributed, shutdown_distributed
+
+    dist_info = init_distributed(a.device)
+    train_process(a, dist_info)
+    shutdown_distributed(dist_info)  # after train_process returned: its Distiller and DDP module are garbage now
+    return 0
+
+
+def train_process(a: argparse.Namespace, dist_info) -> None:
+    """This process's share of the run: load, check, build, train, export (rank 0 writes)."""
     from custom_step import mlm_token_probs
     from distiller import Distiller
     from hidden_projection import curvature_value
@@ -408,10 +419,9 @@ def run(a: argparse.Namespace) -> int:
     from shard_io import open_shards, read_index
     from step_runner import StudentRunner
     from tokenizer_utils import fingerprint, load_tokenizer, special_tokens
-    from utils import cleanup_distributed, git_info, init_distributed, set_seed
+    from utils import git_info, set_seed
 
-    dist_info = init_distributed(a.device)
-    try:
+    with contextlib.ExitStack() as closing:
         dump = Path(a.dump_path)
         logger = setup_logger("train", None, dist_info.rank)
         set_seed(a.seed + dist_info.rank)
@@ -471,7 +481,7 @@ def run(a: argparse.Namespace) -> int:
             from tensorboardX import SummaryWriter
 
             tb_root = Path(a.tensorboard_logs_path) if a.tensorboard_logs_path else dump / "tensorboard"
-            writer = SummaryWriter(logdir=str(tb_root / a.tensorboard_log_name))
+            writer = closing.enter_context(SummaryWriter(logdir=str(tb_root / a.tensorboard_log_name)))
             atomic_write_json(dump / "parameters.json", {**vars(a), "world_size": dist_info.world_size,
                                                          "device": str(dist_info.device)})
             atomic_write_json(dump / "git_log.json", git_info(Path(__file__).parent))
@@ -501,14 +511,12 @@ def run(a: argparse.Namespace) -> int:
                 "world_size": dist_info.world_size, "rank_param_checksums": distiller.rank_checksums,
                 "history": state.history, "curvature": curvature_value(distiller.runner)})
             logger.info(f"done: {state.global_step} updates; student saved in {dump}")
-            writer.close()
-    finally:
-        cleanup_distributed()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    from utils import run_process
+
+    run_process(main)

@@ -1,19 +1,26 @@
-"""Process-level helpers for training: torchrun/distributed init, device choice, seeding, RNG state,
-memory readings, git information and the AdamW constructor of both trainers."""
+"""Process-level helpers for training: torchrun/distributed init and tear-down, device choice, seeding, RNG
+state, memory readings, git information and the AdamW constructor of both trainers."""
 
 from __future__ import annotations
 
+import gc
+import importlib
+import logging
 import os
 import random
-from collections.abc import Iterable
+import sys
+import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from errors import UserError, run_cli
 
 
 @dataclass
@@ -48,7 +55,8 @@ def choose_device(preference: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device_preference: str = "auto") -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and join the process
-    group: nccl for GPUs, gloo for CPU processes. Without torchrun: a single process."""
+    group: nccl for GPUs, gloo for CPU processes. Without torchrun: a single process. A process that joined
+    leaves with `shutdown_distributed` (success) and ends with `end_process` (any outcome)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,13 +67,81 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
+            # torch 2.13: importing torch._dynamo *after* init_process_group (DistributedDataParallel's constructor
+            # does, through torch._dynamo.utils.get_optimize_ddp_mode) adds 10 references to the default group
+            # that destroy_process_group never drops (sys.getrefcount of the group after destroy: 12 instead of 2),
+            # so ~ProcessGroupGloo, the only code that joins gloo's worker threads, never runs and the threads
+            # outlive the interpreter (see shutdown_distributed). Imported first, it takes no such references:
+            # 2 live "pt_gloo_runloop" threads after destroy_process_group without this import, 0 with it.
+            importlib.import_module("torch._dynamo")
+
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+GLOO_WORKER_THREAD = "pt_gloo_runloop"
+"""The name torch gives ProcessGroupGloo's worker threads (Linux thread name, /proc/self/task/*/comm)."""
+
+
+def live_threads(name: str) -> int:
+    """Threads of this process named `name` (Linux; 0 where /proc is missing)."""
+    tasks = Path("/proc/self/task")
+    count = 0
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            count += (task / "comm").read_text().strip() == name
+        except OSError:  # the thread ended while we looked
+            continue
+    return count
+
+
+def shutdown_distributed(dist_info: DistInfo) -> None:
+    """Leave the process group on success: every rank calls this after its last collective and after dropping its
+    DistributedDataParallel module.
+
+    Root cause of the abort it prevents ("terminate called without an active exception", SIGABRT, seen in ~1 of 15
+    2-process gloo runs; core dump of torch 2.13): a gloo worker thread (ProcessGroupGloo::runLoop) releases the
+    work object of a finished collective (here all_gather_object's) a moment after the main thread has returned
+    from wait(); the work holds Python-owned tensors, so its destructor takes the GIL; when the main thread has
+    already begun interpreter finalization, take_gil ends the thread with a forced unwind through a noexcept
+    frame, and std::terminate aborts the process. destroy_process_group does not join gloo's workers; only the
+    destructor of ProcessGroupGloo does, when the last reference goes. Hence, in order: a barrier (no rank tears
+    down while a peer still communicates), garbage collection (DDP's reference cycles hold the group), destroy,
+    and a second collection, after which the workers are joined while the interpreter is fully alive."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.barrier(device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit a process that may have joined a process group, with `code`.
+
+    Normally `sys.exit`. When the process group is still joined (a rank that failed: a collective tear-down could
+    wait forever for peers that are busy elsewhere) or gloo worker threads survived `shutdown_distributed` (a
+    torch version that holds the group elsewhere), interpreter finalization is skipped: logs and streams are
+    flushed, then `os._exit(code)`. The exit is not collective; torchrun sees the code and stops the peers."""
+    if (dist.is_available() and dist.is_initialized()) or live_threads(GLOO_WORKER_THREAD):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run_process(main: Callable[[list[str] | None], int]) -> NoReturn:
+    """The `__main__` of an entry that may join a process group: `run_cli(main)` (a `UserError` is one line and
+    code 2), any other exception printed with its traceback and code 1, then `end_process`."""
+    try:
+        code = run_cli(main)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    end_process(code)
 
 
 def set_seed(seed: int) -> None:
