@@ -44,23 +44,35 @@ def write_student_config(path: Path, dim: int = 32, n_layers: int = 2, heads: in
     return path
 
 
+def write_vocab_tokenizer(directory: Path, vocab: str) -> Path:
+    """A vocab.txt-only cased BERT tokenizer directory (as older transformers saved them)."""
+    directory.mkdir(parents=True)
+    (directory / "vocab.txt").write_text(vocab, encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False,
+                                                                  "tokenizer_class": "BertTokenizer"}))
+    return directory
+
+
 def make_teacher(directory: Path, corpus: Path, vocab_size: int = 300, layers: int = 4, hidden: int = 48,
-                 seed: int = 0) -> Path:
-    """A vocab.txt-only BERT tokenizer (as older transformers saved them) plus a random tiny BertForMaskedLM."""
+                 seed: int = 0, vocab_file: Path | None = None, init_range: float = 0.02) -> Path:
+    """A vocab.txt-only BERT tokenizer plus a random tiny BertForMaskedLM. The vocabulary is trained on `corpus`
+    (the Rust WordPiece trainer breaks ties between equally frequent pieces by hash order, so two trainings may
+    keep different pieces), or read from `vocab_file` for a fixture that is the same in every run. `init_range`:
+    the std of the random weights (larger: peakier output distributions)."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
     from train_teacher_tok import train_bert_tokenizer
 
-    tok_dir = directory.parent / (directory.name + "_tok")
-    train_bert_tokenizer([str(corpus)], vocab_size, str(tok_dir), n_unused=5, max_len=128, min_frequency=1)
-    directory.mkdir(parents=True)
-    vocab = (tok_dir / "vocab.txt").read_text(encoding="utf-8")
-    (directory / "vocab.txt").write_text(vocab, encoding="utf-8")
-    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False,
-                                                                  "tokenizer_class": "BertTokenizer"}))
+    if vocab_file is None:
+        tok_dir = directory.parent / (directory.name + "_tok")
+        train_bert_tokenizer([str(corpus)], vocab_size, str(tok_dir), n_unused=5, max_len=128, min_frequency=1)
+        vocab_file = tok_dir / "vocab.txt"
+    vocab = vocab_file.read_text(encoding="utf-8")
+    write_vocab_tokenizer(directory, vocab)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab.splitlines()), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128)
+                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        initializer_range=init_range)
     BertForMaskedLM(config).save_pretrained(str(directory))
     return directory
