@@ -297,21 +297,8 @@ def reduce_map_logits(reduced: Tensor, t2s_padded: Tensor, mode: Literal["sum", 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Match: selection of rows and columns, logits only where a loss reads them
+# Logits only where a loss reads them
 # ---------------------------------------------------------------------------------------------------------
-
-
-def select_rows(values: Tensor, mask: Tensor) -> Tensor:
-    """Rows at the True positions of `mask`, in row-major order.
-
-    values: [B, L, ...]; mask: bool [B, L]. Returns [M, ...] with M = mask.sum().
-    """
-    return values[mask.to(dtype=torch.bool, device=values.device)]
-
-
-def select_columns(logits: Tensor, ids: Tensor) -> Tensor:
-    """The columns `ids` (int64 [K]) of `logits` ([M, V]), in the order of `ids`: [M, K]."""
-    return logits.index_select(-1, ids.to(device=logits.device, dtype=torch.long))
 
 
 def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, columns: Tensor | None) -> Tensor:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from errors import UserError, run_cli
+from kdcore.errors import UserError, run_cli
 
 SIDES = ("teacher", "student")
 VECTORS = ("logits", "hidden")
@@ -81,7 +81,7 @@ def sample_output_vectors(model: nn.Module, data, collator, side: str, n_samples
     ([n, D_hidden]); logits are computed only at the sampled positions. The model runs in eval mode and is
     put back in its previous mode.
     """
-    from step_runner import base_model, head_transform, output_layer
+    from kdcore.step_runner import base_model, head_transform, output_layer
 
     if side not in SIDES or vectors not in VECTORS:
         raise ValueError(f"side must be one of {SIDES} and vectors one of {VECTORS}")
@@ -159,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fsutil import atomic_write_json
+    from kdcore.fsutil import atomic_write_json
+    from kdcore.model_io import load_student, load_teacher
+    from kdcore.shard_io import open_shards, read_index
     from lm_seqs_dataset import Collator, LmSeqsDataset
-    from model_io import load_student, load_teacher
-    from shard_io import open_shards, read_index
     from utils import choose_device
 
     for flag in ("n_samples", "n_components", "n_tries", "batch_size"):

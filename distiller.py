@@ -27,11 +27,11 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from custom_step import mlm_mask
-from errors import UserError
-from fsutil import atomic_write_json, staged_dir, temp_sibling
 from grouped_batch_sampler import GroupedBatchSampler
+from kdcore.errors import UserError
+from kdcore.fsutil import atomic_write_json, staged_dir, temp_sibling
+from kdcore.step_runner import KLPlan, StudentRunner, combine_losses, teacher_forward
 from lm_seqs_dataset import Collator, LmSeqsDataset
-from step_runner import KLPlan, StudentRunner, combine_losses, teacher_forward
 from utils import DistInfo, adamw, load_optimizer_state, memory_mb, param_digest, rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
@@ -408,7 +408,7 @@ class Distiller:
 
     def export(self, directory: Path) -> None:
         """Save the student as an HF model directory (config, safetensors, tokenizer files, vocab.txt)."""
-        from tokenizer_utils import write_vocab_txt
+        from kdcore.tokenizer_utils import write_vocab_txt
 
         directory.mkdir(parents=True, exist_ok=True)
         tmp = temp_sibling(directory / ".export")

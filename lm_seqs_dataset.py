@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shard_io import Shard, ragged_take, segment_ids
+from kdcore.shard_io import Shard, ragged_take, segment_ids
 
 
 @dataclass

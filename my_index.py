@@ -17,7 +17,7 @@ an approximation, as in the paper.
 
 `MyIndex` still materialises its `[N, V_T, S]` output, and a following logsumexp saves it (and builds
 several more of that size in its backward); on CPU that forward tensor, not autograd's scatter, dominates
-the peak memory (see bench/my_index.py). `MyIndexReduce` therefore fuses the gather with the reduction
+the peak memory (see bench/reduce_map.py). `MyIndexReduce` therefore fuses the gather with the reduction
 over the pieces (sum or logsumexp) and takes `values` without the pad column. It works on blocks of rows
 of `values`, transposed so that every gathered entry is a contiguous run of at least MIN_BLOCK_ROWS
 values, and on the split lists grouped by length (pads removed: real splits average ~2 pieces for a

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from artifacts import (
+from kdcore.artifacts import (
     check_fingerprints,
     load_counts,
     load_matched_vocab,
@@ -38,8 +38,8 @@ from artifacts import (
     load_teacher2student,
     read_manifest,
 )
-from errors import UserError
-from fsutil import atomic_write_json
+from kdcore.errors import UserError
+from kdcore.fsutil import atomic_write_json
 
 ALIGN_CHOICES = ("match", "reduce")
 
@@ -64,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student_pretrained_weights", help="initial student: HF directory or state-dict file")
     g.add_argument("--teacher_name", help="teacher BertForMaskedLM directory (omit for MLM-only training)")
     g.add_argument("--student_token_counts", help="student_counts.npy (MLM masking probabilities)")
-    g.add_argument("--teacher_token_counts", help="teacher_counts.npy (recorded; the pipeline uses it for s2t)")
 
     g = p.add_argument_group("losses")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
@@ -167,7 +166,7 @@ def validate_args(a: argparse.Namespace) -> None:
 
 def shared_vocabulary(teacher_name: str, student_name: str) -> bool:
     """True when the teacher's and the student's tokenizers are the same (same vocabulary and rules)."""
-    from tokenizer_utils import fingerprint, load_tokenizer
+    from kdcore.tokenizer_utils import fingerprint, load_tokenizer
 
     for flag, path in (("--teacher_name", teacher_name), ("--student_name", student_name)):
         if not Path(path).is_dir():
@@ -192,7 +191,7 @@ def build_kl_plan(a: argparse.Namespace, n_teacher: int, n_student: int, fingerp
     """The KLPlan for the arguments, or None without distillation."""
     import torch
 
-    from step_runner import KLPlan
+    from kdcore.step_runner import KLPlan
 
     if a.alpha_ce == 0:
         return None, None
@@ -249,8 +248,8 @@ makes the contrastive similarity the negative Poincare distance at curvature c."
 def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
     """The hidden-state loss options and the optional trailing `hyperbolic` sub-command."""
     from custom_step import NEGATIVE_SAMPLING
-    from hidden_args import add_hyperbolic_subcommand
-    from hidden_projection import ADJUST_C, PROJECT_TO, PROJECTION_STRATEGIES
+    from kdcore.hidden_args import add_hyperbolic_subcommand
+    from kdcore.hidden_projection import ADJUST_C, PROJECT_TO, PROJECTION_STRATEGIES
 
     g = p.add_argument_group("hidden-state losses", HIDDEN_HELP)
     g.add_argument("--alpha_mse", type=float, default=0.0, help="weight of the MSE between hidden states")
@@ -300,7 +299,7 @@ def hidden_alignment(a: argparse.Namespace) -> str | None:
 
 def validate_hidden_args(a: argparse.Namespace) -> None:
     """One-line errors for inconsistent hidden-state and hyperbolic options."""
-    from hidden_args import validate_hidden_losses
+    from kdcore.hidden_args import validate_hidden_losses
 
     for flag in ("alpha_mse", "alpha_cos", "alpha_contrastive"):
         if getattr(a, flag) < 0:
@@ -329,7 +328,7 @@ def build_hidden_losses(a: argparse.Namespace, student, teacher, align: str | No
     """
     if align is None:
         return None
-    from hidden_projection import HiddenConfig, HiddenLosses, HyperbolicConfig, parse_layer_ids
+    from kdcore.hidden_projection import HiddenConfig, HiddenLosses, HyperbolicConfig, parse_layer_ids
 
     losses = tuple(name for name in ("mse", "cos", "contrastive") if getattr(a, f"alpha_{name}") > 0)
     hyperbolic = None
@@ -412,13 +411,13 @@ def train_process(a: argparse.Namespace, dist_info) -> None:
     """This process's share of the run: load, check, build, train, export (rank 0 writes)."""
     from custom_step import mlm_token_probs
     from distiller import Distiller
-    from hidden_projection import curvature_value
+    from kdcore.hidden_projection import curvature_value
+    from kdcore.model_io import load_student, load_teacher
+    from kdcore.shard_io import open_shards, read_index
+    from kdcore.step_runner import StudentRunner
+    from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens
     from lm_seqs_dataset import Collator, LmSeqsDataset
-    from model_io import load_student, load_teacher
     from setup_logger import setup_logger
-    from shard_io import open_shards, read_index
-    from step_runner import StudentRunner
-    from tokenizer_utils import fingerprint, load_tokenizer, special_tokens
     from utils import git_info, set_seed
 
     with contextlib.ExitStack() as closing:

@@ -20,7 +20,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from errors import UserError, run_cli
+from kdcore.errors import UserError, run_cli
 
 
 @dataclass

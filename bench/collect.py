@@ -19,7 +19,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from _common import git_commit, machine_info, markdown_table  # noqa: E402
 
-from fsutil import atomic_write_text  # noqa: E402
+from kdcore.fsutil import atomic_write_text  # noqa: E402
 
 
 def section(name: str, data) -> str:

@@ -51,6 +51,7 @@ from bench._common import (  # noqa: E402
     run_main,
     write_report,
 )
+from kdcore.tokenizer_utils import MAX_LEN  # noqa: E402
 
 torch = ts.torch
 np = ts.np
@@ -94,7 +95,7 @@ def measure(cfg: dict) -> dict:
     token_probs = ts.mlm_token_probs(counts, args.mlm_smoothing, list(range(len(ts.SPECIAL_TOKENS))))
     collator = ts.Collator(ts.PAD, ts.PAD, t2s_input, size.student_vocab)
     stats = ts.pool_stats(collator, pool, batches)
-    teacher, student = ts.build_models(size, max(512, stats["max_len"]), True)
+    teacher, student = ts.build_models(size, max(MAX_LEN, stats["max_len"]), True)
     hidden = build_hidden_losses(args, student, teacher, align, len(pool))
     runner = ts.StudentRunner(student, mlm=True, kl=kl, hidden=hidden)
     distiller = ts.make_distiller(args, device, runner, teacher, pool, collator, token_probs)

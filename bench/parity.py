@@ -103,7 +103,8 @@ from bench._common import (  # noqa: E402
     status_kib,
     write_report,
 )
-from errors import UserError  # noqa: E402
+from kdcore.errors import UserError  # noqa: E402
+from kdcore.tokenizer_utils import MAX_LEN  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "reference")
 PRECISIONS = ("fp32", "bf16")
@@ -117,11 +118,11 @@ LOSS_TOL = {"fp64": (1e-7, 1e-12), "fp32": (1e-4, 1e-6)}  # (rtol, atol) of the 
 LOSS_NAMES = ("loss", "loss_ce", "loss_mlm", "loss_cos")
 
 FULL = {"lines": 20000, "vocab_size": 16000, "sequences": 4000, "batch_size": 16, "max_len": 128,
-        "teacher": {"layers": 4, "hidden": 256, "heads": 4, "ffn": 1024, "positions": 512},
-        "student": {"layers": 2, "dim": 256, "heads": 4, "ffn": 1024, "positions": 512}}
+        "teacher": {"layers": 4, "hidden": 256, "heads": 4, "ffn": 1024, "positions": MAX_LEN},
+        "student": {"layers": 2, "dim": 256, "heads": 4, "ffn": 1024, "positions": MAX_LEN}}
 QUICK = {"lines": 1500, "vocab_size": 1000, "sequences": 64, "batch_size": 16, "max_len": 64,
-         "teacher": {"layers": 2, "hidden": 64, "heads": 2, "ffn": 256, "positions": 512},
-         "student": {"layers": 1, "dim": 64, "heads": 2, "ffn": 256, "positions": 512}}
+         "teacher": {"layers": 2, "hidden": 64, "heads": 2, "ffn": 256, "positions": MAX_LEN},
+         "student": {"layers": 1, "dim": 64, "heads": 2, "ffn": 256, "positions": MAX_LEN}}
 
 
 class BenchError(Exception):
@@ -144,7 +145,7 @@ def read_lines(corpus: Path, n: int) -> list[str]:
 
 def subset_shards(src: Path, dst: Path, n: int) -> int:
     """Copy the first `n` sequences of the one-shard set `src` (match masks included) into a new set `dst`."""
-    from shard_io import Shard, ShardSetWriter, open_shards, read_index
+    from kdcore.shard_io import Shard, ShardSetWriter, open_shards, read_index
 
     index = read_index(src)
     shards = open_shards(src)
@@ -178,13 +179,13 @@ def setup(cfg: dict) -> dict:
     corpus = work / "corpus.txt"
     corpus.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
+    from kdcore.tokenizer_utils import load_tokenizer
     from run_pipeline import build_parser as pipeline_parser
     from run_pipeline import run as run_pipeline
-    from tokenizer_utils import load_tokenizer
     from train_teacher_tok import train_bert_tokenizer
 
     teacher_dir = work / "teacher"
-    train_bert_tokenizer([str(corpus)], size["vocab_size"], str(teacher_dir), lowercase=False, max_len=512)
+    train_bert_tokenizer([str(corpus)], size["vocab_size"], str(teacher_dir), lowercase=False, max_len=MAX_LEN)
     vocab_size = len(load_tokenizer(teacher_dir, "teacher"))
     t = size["teacher"]
     torch.manual_seed(SEED)
@@ -490,8 +491,8 @@ def run_reference(cfg: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from grouped_batch_sampler import GroupedBatchSampler
-    from shard_io import open_shards
-    from tokenizer_utils import load_tokenizer
+    from kdcore.shard_io import open_shards
+    from kdcore.tokenizer_utils import load_tokenizer
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(cfg["threads"])

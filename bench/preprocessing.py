@@ -26,7 +26,7 @@ pays the imports once, inside the first steps that need them). Report `uptime`'s
 the JSON records the load average at the start and at the end.
 
 Encoding speed, in the same run, with the trained teacher and student tokenizers on the same
-`--encode_lines` corpus lines (default: the whole corpus, as step 4 sees it): step 4's encoder
+`--encode_lines` corpus lines (default: the whole corpus, as step 3 sees it): step 3's encoder
 (`block_encoder.BlockEncoder`: blocks of 10,000 lines, each distinct space-separated word encoded once by the
 Rust batch API with `--num_workers` threads, a fresh word cache each run) against the Rust batch API on
 whole lines without the cache, a per-sentence loop through the HF fast tokenizer objects
@@ -37,7 +37,7 @@ its encodings equal the fast ones). Every path must give the ids of the HF loop.
 when both tokenizers have encoded it; speed-ups compare lines/s. Target: >= 10x the HF fast loop. The
 per-sentence loops run once (tens of seconds each over the corpus); the batched paths best of 3.
 
-Memory evidence: step 4 runs again on the corpus repeated three times; its peak RSS should equal the
+Memory evidence: step 3 runs again on the corpus repeated three times; its peak RSS should equal the
 one over the corpus (memory holds one block, not the corpus): PASS when the ratio is <= 1.10.
 
 Results are printed as Markdown tables and written to `--out` as JSON with the machine's details.
@@ -73,14 +73,15 @@ BLOCK_LINES = 10000
 TEACHER_HIDDEN = 384  # the student (dim 264) must not be wider than the teacher: init_weights truncates
 
 from bench._common import run_main, write_report  # noqa: E402
-from errors import UserError  # noqa: E402
+from kdcore.errors import UserError  # noqa: E402
+from kdcore.tokenizer_utils import MAX_LEN  # noqa: E402
 
 # Runs one step module's main(argv) in a fresh interpreter and reports its own peak RSS (KiB).
 WRAPPER = """
 import importlib, json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
 import _bootstrap  # noqa
-from errors import run_cli
+from kdcore.errors import run_cli
 def hwm():
     # VmHWM: this process's own peak RSS (ru_maxrss would also count the parent's RSS at fork time)
     try:
@@ -156,7 +157,7 @@ def make_teacher(corpus: str, teacher_dir: Path, vocab_size: int) -> dict:
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=info["vocab_size"], hidden_size=TEACHER_HIDDEN, num_hidden_layers=4,
-                        num_attention_heads=6, intermediate_size=4 * TEACHER_HIDDEN, max_position_embeddings=512)
+                        num_attention_heads=6, intermediate_size=4 * TEACHER_HIDDEN, max_position_embeddings=MAX_LEN)
     BertForMaskedLM(config).save_pretrained(str(teacher_dir))
     model_seconds = time.perf_counter() - start
     return {"teacher_tokenizer_seconds": round(tok_seconds, 3), "teacher_vocab_size": info["vocab_size"],
@@ -166,7 +167,7 @@ def make_teacher(corpus: str, teacher_dir: Path, vocab_size: int) -> dict:
 def write_student_config(path: Path) -> Path:
     """DistilBERT config of the paper's student: 3 layers, 12 heads x 22 = 264, FFN 792."""
     path.write_text(json.dumps({"model_type": "distilbert", "n_layers": 3, "n_heads": 12, "dim": 264,
-                                "hidden_dim": 792, "max_position_embeddings": 512, "vocab_size": 10}, indent=1))
+                                "hidden_dim": 792, "max_position_embeddings": MAX_LEN, "vocab_size": 10}, indent=1))
     return path
 
 
@@ -315,7 +316,7 @@ def python_tokenizer(tok):
     per-sentence path of DistilBERT's original binarized_data.py)."""
     from transformers import BertTokenizer
 
-    from tokenizer_utils import vocab_list
+    from kdcore.tokenizer_utils import vocab_list
 
     norm = json.loads(tok.backend_tokenizer.to_str())["normalizer"] or {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,11 +329,11 @@ def python_tokenizer(tok):
 
 def encode_speed(teacher_dir: str, student_dir: str, corpus: list[str], n: int, python_lines: int,
                  repeats: int = 3) -> dict:
-    """Lines/s of step 4's encoder and of per-sentence loops on the same lines, with both tokenizers."""
+    """Lines/s of step 3's encoder and of per-sentence loops on the same lines, with both tokenizers."""
     import numpy as np
 
     from block_encoder import BlockEncoder, encode_batch
-    from tokenizer_utils import load_tokenizer
+    from kdcore.tokenizer_utils import load_tokenizer
 
     toks = [load_tokenizer(teacher_dir, "teacher"), load_tokenizer(student_dir, "student")]
     backends = [tok.backend_tokenizer for tok in toks]
@@ -341,7 +342,7 @@ def encode_speed(teacher_dir: str, student_dir: str, corpus: list[str], n: int, 
     few = lines[:python_lines]
     encoders: list = []
 
-    def batched():  # a fresh encoder each run: the word cache starts empty, as in step 4
+    def batched():  # a fresh encoder each run: the word cache starts empty, as in step 3
         encoders.append(BlockEncoder(backends))
         return [encoders[-1].encode(block) for block in blocks]
 
@@ -396,7 +397,7 @@ def encode_speed(teacher_dir: str, student_dir: str, corpus: list[str], n: int, 
 
 
 def memory_check(a: argparse.Namespace, out: Path, work: Path, env: dict, x1: dict, copies: int = 3) -> dict:
-    """Step 4 over the corpus repeated `copies` times; its peak RSS next to the one over the corpus."""
+    """Step 3 over the corpus repeated `copies` times; its peak RSS next to the one over the corpus."""
     big = work / f"corpus_x{copies}.txt"
     with open(big, "wb") as dst:
         for _ in range(copies):
@@ -489,7 +490,7 @@ def markdown(result: dict) -> str:
                     f"< {TARGET_SECONDS:.0f} s: **{verdict}** |")
     enc = result["encode_speed"]
     erows = ["| encoder (teacher + student, same lines) | lines | seconds | CPU s | CPU µs per line and tokenizer | "
-             "lines/s | step 4's encoder is |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "lines/s | step 3's encoder is |", "|---|---:|---:|---:|---:|---:|---:|"]
     for key, label in (
             ("word_cache", f"step 4: `BlockEncoder` word cache (blocks of {enc['block_lines']}, {enc['threads']} threads)"),
             ("batched_plain", "Rust `encode_batch_fast` per block, no word cache"),
@@ -502,7 +503,7 @@ def markdown(result: dict) -> str:
                      f"{fmt(enc[key]['lines_per_s'])} | {up} |")
     mem = result["memory"]
     k = f"x{mem['copies']}"
-    mrows = ["| step 4 encode_shards on | texts | step s | peak RSS MiB | of which after imports MiB |",
+    mrows = ["| step 3 encode_shards on | texts | step s | peak RSS MiB | of which after imports MiB |",
              "|---|---:|---:|---:|---:|"]
     for key, label in (("x1", "corpus"), (k, f"corpus x{mem['copies']}")):
         mrows.append(f"| {label} | {mem[key]['texts']} | {fmt(mem[key]['step_seconds'], 2)} | "
@@ -513,7 +514,7 @@ def markdown(result: dict) -> str:
             f"start); teacher vocab {setup['teacher_vocab_size']}, student vocab "
             f"{result['steps'][0]['stats'].get('vocab_size')}, {result['params']['n_shards']} shards")
     return "\n".join([head, "", *rows, "", f"Encoding {enc['lines']} lines ({enc['tokens_both_sides']} tokens, "
-                      f"{enc['distinct_words']} distinct words; batched paths best of {enc['repeats']}): step 4's "
+                      f"{enc['distinct_words']} distinct words; batched paths best of {enc['repeats']}): step 3's "
                       f"encoder is {enc['speedup_vs_hf_per_sentence']:.1f}x the HF per-sentence loop "
                       f"(target >= {TARGET_SPEEDUP:.0f}x: {'PASS' if enc['meets_target'] else 'FAIL'})", "", *erows, "",
                       f"Memory: peak RSS ratio corpus x{mem['copies']} / corpus = {mem['rss_ratio']:.3f} (flat: "
@@ -531,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an earlier benchmark run in --work")
     p.add_argument("--teacher_vocab", type=int, default=30000, help="vocabulary size of the teacher tokenizer")
     p.add_argument("--student_vocab", type=int, default=5000, help="vocabulary size of the student tokenizer")
-    p.add_argument("--n_shards", type=int, default=2, help="training shards (step 6)")
-    p.add_argument("--num_workers", type=int, default=2, help="encoder threads (step 4 and the batched encoder)")
+    p.add_argument("--n_shards", type=int, default=2, help="training shards (step 5)")
+    p.add_argument("--num_workers", type=int, default=2, help="encoder threads (step 3 and the batched encoder)")
     p.add_argument("--encode_lines", type=int, default=0,
                    help="corpus lines for the encoding comparison (0: the whole corpus)")
     p.add_argument("--python_lines", type=int, default=5000,
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         # the target is on the steps' own work; the wall column adds one interpreter start-up and the imports
         # of torch/transformers per step, which the one-process run_pipeline.py (the driver row) pays once
         totals["meets_target"] = totals["after_tok_step_seconds"] < TARGET_SECONDS
-        log("memory check: step 4 on the corpus repeated 3 times ...")
+        log("memory check: step 3 on the corpus repeated 3 times ...")
         encode_x1 = next(s for s in steps if s["name"] == "encode_shards")
         memory = memory_check(pa, out, work, env, encode_x1)
         driver = None

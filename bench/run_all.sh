@@ -13,7 +13,7 @@ quick=()
 corpus=runs/cache/corpus/ru_sentences.txt
 [[ -f $corpus ]] || $py preprocessing/get_corpus.py --out runs/cache/corpus
 $py bench/preprocessing.py --corpus "$corpus"
-$py bench/my_index.py
+$py bench/reduce_map.py
 $py bench/train_step.py "${quick[@]}"
 $py bench/kl_loss.py "${quick[@]}"
 $py bench/hidden_losses.py "${quick[@]}"

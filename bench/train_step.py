@@ -80,8 +80,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # before bench/ (the script's own directory): the
-    if _p in sys.path:  # repository's my_index.py, not bench/my_index.py
+for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # the repository's modules before bench/'s
+    if _p in sys.path:
         sys.path.remove(_p)
     sys.path.insert(0, _p)
 if __name__ in ("__main__", "__mp_main__"):  # run as a script: set before torch loads (imported: leave them)
@@ -109,10 +109,11 @@ from bench._common import (  # noqa: E402
 )
 from custom_step import mlm_token_probs  # noqa: E402
 from distiller import PRECISIONS, Distiller  # noqa: E402
-from errors import UserError  # noqa: E402
+from kdcore.errors import UserError  # noqa: E402
+from kdcore.step_runner import StudentRunner  # noqa: E402
+from kdcore.tokenizer_utils import MAX_LEN  # noqa: E402
 from lm_seqs_dataset import Collator, RawBatch  # noqa: E402
 from matched_vocab import matched_tokens  # noqa: E402
-from step_runner import StudentRunner  # noqa: E402
 from student2teacher import invert  # noqa: E402
 from teacher_tokens_split import pad_splits  # noqa: E402
 from train import build_kl_plan  # noqa: E402
@@ -528,7 +529,7 @@ def measure_config(cfg: dict) -> dict:
     token_probs = mlm_token_probs(counts, args.mlm_smoothing, list(range(len(SPECIAL_TOKENS))))
     collator = Collator(PAD, PAD, t2s_input, size.student_vocab)
     stats = pool_stats(collator, pool, batches)
-    teacher, student = build_models(size, max(512, stats["max_len"]), kl is not None)
+    teacher, student = build_models(size, max(MAX_LEN, stats["max_len"]), kl is not None)
     runner = StudentRunner(student, mlm=args.alpha_mlm > 0, kl=kl)
     distiller = make_distiller(args, device, runner, teacher, pool, collator, token_probs)
     setup_s = time.perf_counter() - t_setup

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from glue_tasks import TASKS
 
-from errors import UserError
-from hidden_args import add_hyperbolic_subcommand
+from kdcore.errors import UserError
+from kdcore.hidden_args import add_hyperbolic_subcommand
 
 DESCRIPTION = ("Fine-tune a model on a GLUE task (train_single) or distil a fine-tuned teacher into a student "
                "(distil_teacher), offline, from the GLUE TSV folders on disk.")

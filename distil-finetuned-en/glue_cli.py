@@ -21,8 +21,8 @@ from pathlib import Path
 from glue_args import build_parser, validate_args
 from glue_tasks import TASKS, TaskSpec
 
-from errors import UserError
-from fsutil import atomic_write_json
+from kdcore.errors import UserError
+from kdcore.fsutil import atomic_write_json
 
 
 def _inputs(a: argparse.Namespace) -> list[str]:
@@ -144,7 +144,7 @@ def prepare(a: argparse.Namespace, logger: logging.Logger) -> Job:
     from glue_objective import Objective
     from hidden_terms import build_hidden_terms
 
-    from tokenizer_utils import load_tokenizer
+    from kdcore.tokenizer_utils import load_tokenizer
     from utils import choose_device, set_seed
 
     spec = TASKS[a.glue_dataset]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from glue_tasks import TaskSpec
 
-from errors import UserError
+from kdcore.errors import UserError
 
 DEFAULT_MAX_LENGTH = 128
 MAX_SKIPPED_FRAC = 0.01

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from errors import UserError
-from fsutil import staged_dir
+from kdcore.errors import UserError
+from kdcore.fsutil import staged_dir
 
 HEAD_MARKERS = ("classifier", "pooler")
 """Parameters whose names contain these belong to the task head and may be initialised fresh."""
@@ -88,7 +88,7 @@ def load_classifier(config_dir: str | Path, num_labels: int, label_names: list[s
             raise UserError(f"cannot load {role} weights from {weights}: {str(err).splitlines()[0]}") from None
         fresh = _check_keys(info["missing_keys"], [k for k, *_ in info["mismatched_keys"]], weights, role)
     elif weights.is_file():
-        from model_io import load_state_dict_file
+        from kdcore.model_io import load_state_dict_file
 
         model = AutoModelForSequenceClassification.from_config(config)
         state = load_state_dict_file(weights)
@@ -111,7 +111,7 @@ def check_tokenizer(tokenizer, model_dir: str | Path | None, role: str,
                     logger: logging.Logger | None = None) -> None:
     """A model directory that holds its own tokenizer must encode text exactly as --tokenizer_name does
     (same vocabulary, normalisation and pre-tokenisation): teacher and student share one tokenizer here."""
-    from tokenizer_utils import TOKENIZER_FILES, fingerprint, load_tokenizer
+    from kdcore.tokenizer_utils import TOKENIZER_FILES, fingerprint, load_tokenizer
 
     path = Path(model_dir) if model_dir else None
     if path is None or not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):

@@ -62,7 +62,7 @@ class Objective(nn.Module):
         """The curvature of the hyperbolic contrastive term, when there is one."""
         if self.hidden is None:
             return None
-        from hidden_projection import curvature_value
+        from kdcore.hidden_projection import curvature_value
 
         return curvature_value(self.hidden)
 

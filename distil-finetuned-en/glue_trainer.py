@@ -30,7 +30,7 @@ from glue_tasks import TaskSpec
 from torch import nn
 from torch.utils.data import DataLoader
 
-from errors import UserError
+from kdcore.errors import UserError
 from utils import adamw
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

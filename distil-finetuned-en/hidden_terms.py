@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from errors import UserError
+from kdcore.errors import UserError
 
 TERMS = ("mse", "cos", "contrastive")
 
@@ -50,7 +50,7 @@ def alphas(a: argparse.Namespace) -> dict[str, float]:
 
 def validate(a: argparse.Namespace) -> None:
     """One-line errors for inconsistent hidden-state and hyperbolic options."""
-    from hidden_args import validate_hidden_losses
+    from kdcore.hidden_args import validate_hidden_losses
 
     hyperbolic = a.hidden_distil_type == "hyperbolic"
     if hyperbolic and a.alpha_contrastive <= 0:
@@ -65,7 +65,7 @@ def build_hidden_terms(a: argparse.Namespace, teacher_config, student_config, n_
     weights = alphas(a)
     if not weights:
         return None
-    from hidden_projection import HiddenConfig, HiddenLosses, HyperbolicConfig, parse_layer_ids
+    from kdcore.hidden_projection import HiddenConfig, HiddenLosses, HyperbolicConfig, parse_layer_ids
 
     hyperbolic = None
     if a.hidden_distil_type == "hyperbolic":

@@ -14,7 +14,7 @@ for _path in (str(HERE), str(HERE.parent)):
 
 from glue_cli import main  # noqa: E402
 
-from errors import run_cli  # noqa: E402
+from kdcore.errors import run_cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""Vectorised word/character alignment of the two tokenizations (used by steps 5 and 9).
+"""Vectorised word/character alignment of the two tokenizations (used by steps 4 and 9).
 
 Teacher and student share the normaliser and the pre-tokeniser, so they cut a text into the same words;
 a word starts at every token that is not a `##` continuation (special tokens are words of their own).
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tokenizer_utils import token_tables
+from kdcore.tokenizer_utils import token_tables
 
 KEY_SHIFT = 1 << 24  # offsets inside a word stay far below this
 
@@ -65,7 +65,7 @@ def match_masks(t_ids: np.ndarray, s_ids: np.ndarray, t_tables: SideTables, s_ta
                 t2s_same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 masks [T], [S]: 1 where a teacher and a student token hold the same string over the same span.
 
-    The flat arrays must cover whole sequences with equal word counts on both sides (step 5 guarantees it).
+    The flat arrays must cover whole sequences with equal word counts on both sides (step 4 guarantees it).
     """
     t_key = word_index(t_ids, t_tables) * KEY_SHIFT + offset_in_word(t_ids, t_tables)
     s_key = word_index(s_ids, s_tables) * KEY_SHIFT + offset_in_word(s_ids, s_tables)

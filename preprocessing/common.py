@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
-from errors import UserError
-from tokenizer_utils import fingerprint, load_tokenizer, special_tokens, vocab_list
+from kdcore.errors import UserError
+from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens, vocab_list
 
 DEFAULT_MAX_BAD_FRAC = 0.001
 

@@ -1,10 +1,10 @@
-"""Step 4: encode every text with both tokenizers into a shard set.
+"""Step 3: encode every text with both tokenizers into a shard set.
 
 Texts are read in blocks and encoded by `block_encoder.BlockEncoder`: the Rust `tokenizers` batch API
 (`--num_workers` threads) encodes each distinct word once, numpy assembles the texts; each side gets
 `[CLS] ... [SEP]`. A text is kept only if its teacher->student re-tokenisation (each teacher
 token replaced by its student split) is at least as long as the teacher sequence, i.e. no teacher token
-in it is unmapped. Over-long texts are kept here and split by step 5 (`prepare_lm_seqs.py`) at a word
+in it is unmapped. Over-long texts are kept here and split by step 4 (`prepare_lm_seqs.py`) at a word
 boundary shared by both sides, so every chunk then fits `--max_len` on the teacher, student and t2s side.
 Memory holds one block; shards roll over every `--seqs_per_shard` sequences.
 """
@@ -19,11 +19,11 @@ import sys
 import numpy as np
 
 import _bootstrap  # noqa: F401
-from artifacts import load_t2s_padded
 from block_encoder import BlockEncoder
 from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus, load_pair, timed
-from errors import run_cli
-from shard_io import Block, ShardSetWriter, segment_ids
+from kdcore.artifacts import load_t2s_padded
+from kdcore.errors import run_cli
+from kdcore.shard_io import Block, ShardSetWriter, segment_ids
 
 
 def t2s_lengths(t_ids: np.ndarray, t_lengths: np.ndarray, n_pieces: np.ndarray) -> np.ndarray:

@@ -16,10 +16,10 @@ import numpy as np
 
 import _bootstrap  # noqa: F401
 from alignment import SideTables, match_masks, same_string_map
-from artifacts import check_fingerprints
 from common import load_pair, timed
-from errors import run_cli
-from shard_io import open_shards, read_index
+from kdcore.artifacts import check_fingerprints
+from kdcore.errors import run_cli
+from kdcore.shard_io import open_shards, read_index
 
 
 def run(teacher_name: str, student_name: str, data_dir: str, block_size: int = 50000) -> dict:

@@ -57,8 +57,8 @@ from urllib.parse import unquote
 
 import _bootstrap  # noqa: F401
 from common import timed
-from errors import UserError, run_cli
-from fsutil import atomic_write_json, atomic_write_text, staged_dir
+from kdcore.errors import UserError, run_cli
+from kdcore.fsutil import atomic_write_json, atomic_write_text, staged_dir
 
 WESNOTH_BRANCHES = ("1.16", "1.18")  # bookworm ships 1.16; a newer release may ship 1.18
 WESNOTH_CAMPAIGNS = ("httt", "trow", "utbs", "low", "nr", "sof", "tsg", "ei", "did", "dm", "dw", "l", "sota", "sotbe",

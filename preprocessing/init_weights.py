@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 
 import _bootstrap  # noqa: F401
-from artifacts import check_fingerprints, load_teacher2student
 from common import check_output, load_pair, timed
-from errors import UserError, run_cli
-from fsutil import staged_dir
-from model_io import load_teacher
-from tokenizer_utils import UNMAPPED_PATTERN, greedy_split, write_vocab_txt
+from kdcore.artifacts import check_fingerprints, load_teacher2student
+from kdcore.errors import UserError, run_cli
+from kdcore.fsutil import staged_dir
+from kdcore.model_io import load_teacher
+from kdcore.tokenizer_utils import UNMAPPED_PATTERN, greedy_split, write_vocab_txt
 
 BERT_LAYER = {
     "q.weight": "attention.self.query.weight", "q.bias": "attention.self.query.bias",

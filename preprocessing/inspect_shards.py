@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 import _bootstrap  # noqa: F401
-from artifacts import check_fingerprints, read_manifest
 from common import load_pair
-from errors import UserError, run_cli
-from shard_io import open_shards, read_index
+from kdcore.artifacts import check_fingerprints, read_manifest
+from kdcore.errors import UserError, run_cli
+from kdcore.shard_io import open_shards, read_index
 
 
 def tokenizer_dirs(data_dir: Path, teacher: str | None, student: str | None) -> tuple[str, str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 from common import load_pair, timed
-from errors import run_cli
-from fsutil import atomic_write_json
+from kdcore.errors import run_cli
+from kdcore.fsutil import atomic_write_json
 
 
 def matched_tokens(t_vocab: list[str], s_vocab: list[str], exclude: set[str]) -> dict[str, list[int]]:

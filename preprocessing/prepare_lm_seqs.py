@@ -1,4 +1,4 @@
-"""Step 5: filter the encoded sequences and split over-long ones so both sides cover the same text.
+"""Step 4: filter the encoded sequences and split over-long ones so both sides cover the same text.
 
 Drop reasons (counted in the statistics):
 - `word_mismatch`: teacher and student cut the text into different numbers of words (their normalisers
@@ -23,11 +23,12 @@ import numpy as np
 
 import _bootstrap  # noqa: F401
 from alignment import SideTables, word_counts
-from artifacts import check_fingerprints, load_t2s_padded
 from common import check_output, load_pair, timed
 from encode_shards import select, t2s_lengths
-from errors import UserError, run_cli
-from shard_io import Block, ShardSetWriter, open_shards, read_index, segment_ids
+from kdcore.artifacts import check_fingerprints, load_t2s_padded
+from kdcore.errors import UserError, run_cli
+from kdcore.shard_io import Block, ShardSetWriter, open_shards, read_index, segment_ids
+from kdcore.tokenizer_utils import MAX_LEN
 
 REASONS = ("keep", "word_mismatch", "special_only", "too_short", "mostly_unk")
 
@@ -105,7 +106,7 @@ def check_wrapped(block: Block, pair) -> None:
                             "them with encode_shards.py")
 
 
-def run(teacher_name: str, student_name: str, in_dir: str, t2s_padded: str, out_dir: str, max_len: int = 512,
+def run(teacher_name: str, student_name: str, in_dir: str, t2s_padded: str, out_dir: str, max_len: int = MAX_LEN,
         min_len: int = 3, max_unk_prop: float = 0.5, block_size: int = 50000, force: bool = False) -> dict:
     """Filter/split the shard set `in_dir` into `out_dir`; returns statistics."""
     if max_len < 3:
@@ -152,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher_name", required=True, help="teacher directory (tokenizer)")
     p.add_argument("--student_name", required=True, help="student directory (tokenizer)")
-    p.add_argument("--in_dir", required=True, help="shard set from step 4")
+    p.add_argument("--in_dir", required=True, help="shard set from step 3")
     p.add_argument("--t2s_padded", required=True, help="t2s_padded.npy from step 2")
     p.add_argument("--out_dir", required=True, help="output shard set")
-    p.add_argument("--max_len", type=int, default=512, help="maximum tokens per sequence on every side")
+    p.add_argument("--max_len", type=int, default=MAX_LEN, help="maximum tokens per sequence on every side")
     p.add_argument("--min_len", type=int, default=3, help="minimum content tokens per sequence")
     p.add_argument("--max_unk_prop", type=float, default=0.5, help="largest tolerated share of [UNK]")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

@@ -1,4 +1,4 @@
-"""Step 6: re-balance a shard set into N equal shards (N = number of training processes).
+"""Step 5: re-balance a shard set into N equal shards (N = number of training processes).
 
 Sequence i of the input (in order over all input shards) goes to shard i mod N, so shard sizes differ
 by at most one sequence and every shard mixes all sources. Memory holds one block.
@@ -15,8 +15,8 @@ import numpy as np
 import _bootstrap  # noqa: F401
 from common import check_output, timed
 from encode_shards import select
-from errors import UserError, run_cli
-from shard_io import ShardSetWriter, open_shards, read_index
+from kdcore.errors import UserError, run_cli
+from kdcore.shard_io import ShardSetWriter, open_shards, read_index
 
 
 def run(in_dir: str, out_dir: str, n_shards: int, block_size: int = 50000, force: bool = False) -> dict:
@@ -53,7 +53,7 @@ def run(in_dir: str, out_dir: str, n_shards: int, block_size: int = 50000, force
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--in_dir", required=True, help="shard set from step 5")
+    p.add_argument("--in_dir", required=True, help="shard set from step 4")
     p.add_argument("--out_dir", required=True, help="output shard set (processed_binarized)")
     p.add_argument("--n_shards", type=int, default=1, help="number of training processes")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

@@ -3,8 +3,8 @@
     python preprocessing/run_pipeline.py --teacher_name TEACHER_DIR --corpus FILE [FILE ...] \\
         (--student_vocab_size N | --student_tokenizer DIR) --student_config DISTILBERT_CONFIG.json --out_dir OUT
 
-Order: 1 train_reduced_tok, 2 teacher_tokens_split, 4 encode_shards, 5 prepare_lm_seqs,
-6 regroup_binarized, 7 token_counts, 3 student2teacher (needs the teacher counts), 8 init_weights,
+Order (the step numbers): 1 train_reduced_tok, 2 teacher_tokens_split, 3 encode_shards, 4 prepare_lm_seqs,
+5 regroup_binarized, 6 token_counts, 7 student2teacher (needs the teacher counts), 8 init_weights,
 9 find_matching_ids, 10 matched_vocab. `OUT/manifest.json` records every step's parameters, inputs,
 statistics and a run id; a step is skipped when its signature (its parameters, the fingerprints of its
 external inputs and the run ids of the steps it reads) is unchanged and its outputs exist. `--force`
@@ -34,12 +34,12 @@ import student2teacher
 import teacher_tokens_split
 import token_counts
 import train_reduced_tok
-from artifacts import MANIFEST, read_manifest
 from common import DEFAULT_MAX_BAD_FRAC
-from errors import UserError, run_cli
-from fsutil import atomic_write_json
-from shard_io import read_index
-from tokenizer_utils import fingerprint, load_tokenizer
+from kdcore.artifacts import MANIFEST, read_manifest
+from kdcore.errors import UserError, run_cli
+from kdcore.fsutil import atomic_write_json
+from kdcore.shard_io import read_index
+from kdcore.tokenizer_utils import MAX_LEN, fingerprint, load_tokenizer
 
 FORMAT = "rvkd-pipeline/1"
 
@@ -88,23 +88,23 @@ STEPS = [
     Step(2, "teacher_tokens_split", ("train_reduced_tok",), (), ("teacher_tokenizer",),
          lambda o: [o / n for n in teacher_tokens_split.OUTPUTS],
          lambda a, o: teacher_tokens_split.run(a.teacher_name, _student_dir(o), str(o))),
-    Step(4, "encode_shards", ("train_reduced_tok", "teacher_tokens_split"), (), ("teacher_tokenizer", "corpus"),
+    Step(3, "encode_shards", ("train_reduced_tok", "teacher_tokens_split"), (), ("teacher_tokenizer", "corpus"),
          lambda o: [o / "work" / "encoded" / "index.json"],
          lambda a, o: encode_shards.run(a.teacher_name, _student_dir(o), a.corpus, str(o / "t2s_padded.npy"),
                                         str(o / "work" / "encoded"), num_workers=a.num_workers,
                                         max_bad_frac=a.max_bad_frac, force=True)),
-    Step(5, "prepare_lm_seqs", ("encode_shards",), ("max_len", "min_len", "max_unk_prop"), ("teacher_tokenizer",),
+    Step(4, "prepare_lm_seqs", ("encode_shards",), ("max_len", "min_len", "max_unk_prop"), ("teacher_tokenizer",),
          lambda o: [o / "work" / "filtered" / "index.json"],
          lambda a, o: prepare_lm_seqs.run(a.teacher_name, _student_dir(o), str(o / "work" / "encoded"),
                                           str(o / "t2s_padded.npy"), str(o / "work" / "filtered"), a.max_len,
                                           a.min_len, a.max_unk_prop, force=True)),
-    Step(6, "regroup_binarized", ("prepare_lm_seqs",), ("n_shards",), (),
+    Step(5, "regroup_binarized", ("prepare_lm_seqs",), ("n_shards",), (),
          lambda o: [o / "processed_binarized" / "index.json"],
          lambda a, o: regroup_binarized.run(str(o / "work" / "filtered"), str(o / "processed_binarized"),
                                             a.n_shards, force=True)),
-    Step(7, "token_counts", ("regroup_binarized",), (), (), lambda o: [o / n for n in token_counts.OUTPUTS],
+    Step(6, "token_counts", ("regroup_binarized",), (), (), lambda o: [o / n for n in token_counts.OUTPUTS],
          lambda a, o: token_counts.run(str(o / "processed_binarized"), str(o))),
-    Step(3, "student2teacher", ("teacher_tokens_split", "token_counts"), ("cut_len", "seed"), (),
+    Step(7, "student2teacher", ("teacher_tokens_split", "token_counts"), ("cut_len", "seed"), (),
          lambda o: [o / n for n in student2teacher.OUTPUTS],
          lambda a, o: student2teacher.run(str(o / "teacher2student.json"), str(o / "t2s_padded.npy"),
                                           str(o / "t2s_mapped_ids.npy"), str(o / "teacher_counts.npy"), str(o),
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "own, for same-vocabulary distillation); --student_vocab_size is then not needed")
     p.add_argument("--student_config", required=True, help="DistilBERT (or BERT) config JSON of the student")
     p.add_argument("--out_dir", required=True, help="output directory (see README for its contents)")
-    p.add_argument("--max_len", type=int, default=512, help="maximum sequence length on every side")
+    p.add_argument("--max_len", type=int, default=MAX_LEN, help="maximum sequence length on every side")
     p.add_argument("--min_len", type=int, default=3, help="minimum content tokens per sequence")
     p.add_argument("--max_unk_prop", type=float, default=0.5, help="largest tolerated share of [UNK]")
     p.add_argument("--n_shards", type=int, default=1, help="number of training processes")

@@ -1,4 +1,4 @@
-"""Step 3: the inverse of the teacher->student map, for the memory-lean reduce-map backward.
+"""Step 7: the inverse of the teacher->student map, for the memory-lean reduce-map backward.
 
 For every student id u, `s2t_padded[u]` lists the teacher ids v (among `t2s_mapped_ids`, the columns
 the reduce-map KL reads) whose split contains u, and `s2t_idxs_padded[u]` the slot j with
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 import _bootstrap  # noqa: F401
-from artifacts import load_counts, load_t2s_mapped_ids, load_t2s_padded, load_teacher2student
 from common import timed
-from errors import UserError, run_cli
-from fsutil import atomic_save_npy
+from kdcore.artifacts import load_counts, load_t2s_mapped_ids, load_t2s_padded, load_teacher2student
+from kdcore.errors import UserError, run_cli
+from kdcore.fsutil import atomic_save_npy
 
 OUTPUTS = ("s2t_padded.npy", "s2t_idxs_padded.npy")
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--t2s_mapping", required=True, help="teacher2student.json from step 2")
     p.add_argument("--t2s_padded", required=True, help="t2s_padded.npy from step 2")
     p.add_argument("--t2s_mapped_ids", required=True, help="t2s_mapped_ids.npy from step 2")
-    p.add_argument("--teacher_counts", required=True, help="teacher_counts.npy from step 7")
+    p.add_argument("--teacher_counts", required=True, help="teacher_counts.npy from step 6")
     p.add_argument("--out_dir", required=True, help="where s2t_padded.npy and s2t_idxs_padded.npy go")
     p.add_argument("--cut_len", type=int, default=30, help="maximum teacher entries per student id")
     p.add_argument("--seed", type=int, default=42)

@@ -22,9 +22,9 @@ import numpy as np
 
 import _bootstrap  # noqa: F401
 from common import load_pair, timed
-from errors import run_cli
-from fsutil import atomic_save_npy, atomic_write_json
-from tokenizer_utils import UNMAPPED_PATTERN, greedy_split
+from kdcore.errors import run_cli
+from kdcore.fsutil import atomic_save_npy, atomic_write_json
+from kdcore.tokenizer_utils import UNMAPPED_PATTERN, greedy_split
 
 OUTPUTS = ("teacher2student.json", "t2s_padded.npy", "t2s_mapped_ids.npy")
 

@@ -1,6 +1,6 @@
-"""Step 7: occurrences of every vocabulary id in the training shards (`teacher_counts.npy`,
+"""Step 6: occurrences of every vocabulary id in the training shards (`teacher_counts.npy`,
 `student_counts.npy`, int64 [V]). The student counts drive the MLM masking probabilities; the teacher
-counts drive the sampling of the capped inverse map (step 3)."""
+counts drive the sampling of the capped inverse map (step 7)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 
 import _bootstrap  # noqa: F401
 from common import timed
-from errors import run_cli
-from fsutil import atomic_save_npy
-from shard_io import open_shards, read_index
+from kdcore.errors import run_cli
+from kdcore.fsutil import atomic_save_npy
+from kdcore.shard_io import open_shards, read_index
 
 OUTPUTS = ("teacher_counts.npy", "student_counts.npy")
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus
-from errors import UserError, run_cli
-from fsutil import atomic_write_json, staged_dir
-from tokenizer_utils import (
+from kdcore.errors import UserError, run_cli
+from kdcore.fsutil import atomic_write_json, staged_dir
+from kdcore.tokenizer_utils import (
     CONT_PREFIX,
+    MAX_LEN,
     load_tokenizer,
     special_tokens,
     vocab_list,
@@ -121,7 +122,7 @@ def read_student_config(path: str, max_len: int):
 
 
 def train(teacher_name: str, corpus: list[str], vocab_size: int, out: str, char_coverage: float = 0.9995,
-          min_frequency: int = 2, student_config_path: str | None = None, max_len: int = 512,
+          min_frequency: int = 2, student_config_path: str | None = None, max_len: int = MAX_LEN,
           max_bad_frac: float = DEFAULT_MAX_BAD_FRAC, force: bool = False) -> dict:
     """Train and save the student tokenizer (and config); returns statistics."""
     from tokenizers import Tokenizer, models, trainers
@@ -190,7 +191,7 @@ def _check_compatible(student, teacher, path: str) -> None:
 
 
 def adopt(teacher_name: str, tokenizer_dir: str, out: str, student_config_path: str | None = None,
-          max_len: int = 512, force: bool = False) -> dict:
+          max_len: int = MAX_LEN, force: bool = False) -> dict:
     """Write the given student tokenizer (and config) to `out` as `train` would; returns statistics."""
     out_dir = check_output(out, force)
     teacher = load_tokenizer(teacher_name, "teacher")
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--char_coverage", type=float, default=0.9995, help="share of character occurrences to keep")
     p.add_argument("--min_frequency", type=int, default=2, help="minimum pair frequency for a merge")
     p.add_argument("--student_config", help="DistilBERT config JSON; written with the new vocab_size")
-    p.add_argument("--max_len", type=int, default=512, help="maximum sequence length (model_max_length)")
+    p.add_argument("--max_len", type=int, default=MAX_LEN, help="maximum sequence length (model_max_length)")
     p.add_argument("--max_bad_frac", type=float, default=DEFAULT_MAX_BAD_FRAC,
                    help="largest tolerated share of undecodable lines per corpus file")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

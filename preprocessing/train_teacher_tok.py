@@ -13,15 +13,15 @@ import sys
 
 import _bootstrap  # noqa: F401
 from common import DEFAULT_MAX_BAD_FRAC, check_output, iter_corpus
-from errors import UserError, run_cli
-from fsutil import staged_dir
-from tokenizer_utils import CONT_PREFIX, canonical_order, write_vocab_txt
+from kdcore.errors import UserError, run_cli
+from kdcore.fsutil import staged_dir
+from kdcore.tokenizer_utils import CONT_PREFIX, MAX_LEN, canonical_order, write_vocab_txt
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_bert_tokenizer(corpus: list[str], vocab_size: int, out: str, lowercase: bool = False,
-                         n_unused: int = 10, min_frequency: int = 2, max_len: int = 512,
+                         n_unused: int = 10, min_frequency: int = 2, max_len: int = MAX_LEN,
                          limit_alphabet: int = 1000, max_bad_frac: float = DEFAULT_MAX_BAD_FRAC,
                          force: bool = False) -> dict:
     """Train and save the tokenizer directory (tokenizer.json, tokenizer_config.json, vocab.txt)."""
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lowercase", action="store_true", help="uncased vocabulary (default: cased)")
     p.add_argument("--n_unused", type=int, default=10, help="number of [unusedK] placeholder tokens")
     p.add_argument("--min_frequency", type=int, default=2)
-    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--max_len", type=int, default=MAX_LEN)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     a = p.parse_args(argv)
     stats = train_bert_tokenizer(a.corpus, a.vocab_size, a.out, a.lowercase, a.n_unused, a.min_frequency,

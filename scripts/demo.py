@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from errors import UserError, run_cli  # noqa: E402
-from fsutil import atomic_write_json, atomic_write_text  # noqa: E402
+from kdcore.errors import UserError, run_cli  # noqa: E402
+from kdcore.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 @dataclass

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_io import load_student
-from tokenizer_utils import load_tokenizer
+from kdcore.model_io import load_student
+from kdcore.tokenizer_utils import load_tokenizer
 
 
 def mask_positions(lengths: np.ndarray, prop: float, rng: np.random.Generator) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ import os
 import struct
 from pathlib import Path
 
-from fsutil import atomic_write_json, atomic_write_text
+from kdcore.fsutil import atomic_write_json, atomic_write_text
 
 MODELS = ("teacher", "student_kd", "student_baseline")
 LABELS = {"teacher": "teacher", "student_kd": "student (distilled)", "student_baseline": "student (MLM only)"}

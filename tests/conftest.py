@@ -1,8 +1,15 @@
-"""Session fixtures: a synthetic corpus, a tiny teacher and one full preprocessing run."""
+"""Test-wide settings (offline hub, deterministic tokenizers) and the session fixtures: a synthetic corpus, a tiny
+teacher and one full preprocessing run."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from synthetic import make_teacher, write_corpus, write_student_config
 

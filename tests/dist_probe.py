@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from kdcore.errors import UserError
 from utils import GLOO_WORKER_THREAD, init_distributed, live_threads, run_process, shutdown_distributed
 
 

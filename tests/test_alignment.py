@@ -8,8 +8,8 @@ import pytest
 from alignment import SideTables, match_masks, same_string_map
 from block_encoder import encode_batch as encode_block
 from common import load_pair
+from kdcore.tokenizer_utils import surface
 from prepare_lm_seqs import chunk_sequence
-from tokenizer_utils import surface
 
 TEXTS = [
     "Кот кот кот, кот! Котами и котами.",

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from errors import run_cli
+from kdcore.errors import run_cli
 
 
 def call(main, argv, capsys):
@@ -123,8 +123,8 @@ def test_existing_outputs(tmp_path, teacher_dir, corpus, student_config, pipelin
 
 
 def test_training_artifact_loaders_refuse_mismatches(tmp_path, pipeline_out):
-    from artifacts import load_counts, load_t2s_padded
-    from errors import UserError
+    from kdcore.artifacts import load_counts, load_t2s_padded
+    from kdcore.errors import UserError
 
     with pytest.raises(UserError, match=r"teacher_counts\.npy has 300 counts for a vocabulary of 301"):
         load_counts(pipeline_out / "teacher_counts.npy", 301)

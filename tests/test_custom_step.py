@@ -21,8 +21,6 @@ from custom_step import (
     reduce_map_logits,
     reduce_map_matrix,
     reduce_pool,
-    select_columns,
-    select_rows,
 )
 from student2teacher import invert
 
@@ -240,7 +238,7 @@ def test_reduce_pool_of_collated_t2s_pieces():
     t2s_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
     t2s_segment = torch.tensor([[0, 1, 1, 2, 0], [3, 4, 4, 0, 0]])  # pads carry a dummy segment 0
     logits = torch.randn(2, 5, 3)
-    pooled = reduce_pool(select_rows(logits, t2s_mask), select_rows(t2s_segment, t2s_mask), 5, "sum")
+    pooled = reduce_pool(logits[t2s_mask], t2s_segment[t2s_mask], 5, "sum")
     torch.testing.assert_close(pooled, torch.stack([logits[0, 0], logits[0, 1] + logits[0, 2], logits[0, 3],
                                                     logits[1, 0], logits[1, 1] + logits[1, 2]]))
 
@@ -430,20 +428,8 @@ def test_reduce_map_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Selection and LM-head logits
+# LM-head logits
 # ---------------------------------------------------------------------------------------------------------
-
-
-def test_select_rows_and_columns_equal_indexing_of_full_logits():
-    gen = torch.Generator().manual_seed(4)
-    logits = torch.randn(2, 5, 7, generator=gen)
-    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 1, 1]])
-    rows = select_rows(logits, mask)
-    expected = torch.stack([logits[0, 0], logits[0, 2], logits[0, 3], logits[1, 3], logits[1, 4]])
-    torch.testing.assert_close(rows, expected)
-    ids = torch.tensor([6, 0, 3, 3])
-    torch.testing.assert_close(select_columns(rows, ids), expected[:, [6, 0, 3, 3]])
-    assert select_rows(logits, torch.zeros(2, 5, dtype=torch.bool)).shape == (0, 7)
 
 
 def test_lm_head_logits_equal_full_logits_then_columns():

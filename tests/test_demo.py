@@ -21,8 +21,8 @@ def test_mask_positions_cover_content_only():
 
 
 def test_mlm_accuracy_matches_a_per_sentence_computation(pipeline_out):
-    from model_io import load_student
-    from tokenizer_utils import load_tokenizer
+    from kdcore.model_io import load_student
+    from kdcore.tokenizer_utils import load_tokenizer
 
     model_dir = pipeline_out / "student_init"
     sentences = ["мама мыла раму и пела песню", "кот спит", "это очень длинное предложение о погоде и море"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import get_corpus as gc
-from errors import run_cli
+from kdcore.errors import run_cli
 
 HOLE = gc.HOLE
 
@@ -497,7 +497,7 @@ def test_outputs_are_replaced_atomically(tmp_path, fake_packages, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / gc.SENTENCES_FILE).write_text("Старый корпус.\n", encoding="utf-8")
-    import fsutil
+    from kdcore import fsutil
 
     def killed(src, dst):
         raise KeyboardInterrupt

@@ -27,7 +27,7 @@ from glue_data import (  # noqa: E402
 )
 from glue_tasks import GLUE_TASKS, TASKS  # noqa: E402
 
-from errors import UserError  # noqa: E402
+from kdcore.errors import UserError  # noqa: E402
 
 FILLERS = ["the", "a", "cat", "dog", "movie", "plot", "actor", "story", "day", "night", "city", "house", "river",
            "tree", "book", "music", "road", "car", "friend", "window", "table", "garden", "train", "song"]
@@ -293,7 +293,7 @@ def test_tokenizer_params_yaml(tmp_path):
 
 
 def test_encode_and_collate_pairs(tmp_path, glue_tok):
-    from tokenizer_utils import load_tokenizer
+    from kdcore.tokenizer_utils import load_tokenizer
 
     tok = load_tokenizer(glue_tok)
     write_glue_task(tmp_path, "rte", 8, 4)

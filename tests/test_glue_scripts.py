@@ -53,8 +53,8 @@ def test_recipes_run_as_they_are(tmp_path):
     from glue_cli import main
     from transformers import BertConfig, BertForMaskedLM, DistilBertConfig
 
-    from errors import run_cli
-    from tokenizer_utils import load_tokenizer
+    from kdcore.errors import run_cli
+    from kdcore.tokenizer_utils import load_tokenizer
 
     tok = make_tokenizer(tmp_path / "tok")
     n_vocab = len(load_tokenizer(tok))

@@ -18,7 +18,7 @@ if str(ROOT / "distil-finetuned-en") not in sys.path:
 from glue_tasks import GLUE_TASKS, TASKS  # noqa: E402
 from glue_trainer import LrSchedule, TrainConfig  # noqa: E402
 
-from errors import run_cli  # noqa: E402
+from kdcore.errors import run_cli  # noqa: E402
 from test_glue_data import make_tokenizer, one_thread, write_glue_task  # noqa: E402, F401 (one_thread: autouse)
 
 FAST = ["--batch_size", "16", "--lr", "2e-3", "--device", "cpu", "--seed", "0"]
@@ -29,7 +29,7 @@ def env(tmp_path_factory):
     """A tokenizer, a tiny BERT config dir, a tiny DistilBERT config dir and a GLUE root with SST-2."""
     from transformers import BertConfig, DistilBertConfig
 
-    from tokenizer_utils import load_tokenizer
+    from kdcore.tokenizer_utils import load_tokenizer
 
     base = tmp_path_factory.mktemp("glue_train")
     tok = make_tokenizer(base / "tok")
@@ -307,7 +307,7 @@ def test_cli_choices_match_the_shared_modules():
     import glue_args
 
     import custom_step
-    import hidden_projection
+    from kdcore import hidden_projection
 
     assert glue_args.PROJECTION_STRATEGIES == hidden_projection.PROJECTION_STRATEGIES
     assert glue_args.ADJUST_C == hidden_projection.ADJUST_C

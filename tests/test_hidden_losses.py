@@ -18,7 +18,8 @@ from custom_step import (
     masked_mean_pool,
     sample_without_replacement,
 )
-from hidden_projection import (
+from hyptorch import pmath
+from kdcore.hidden_projection import (
     HiddenConfig,
     HiddenLosses,
     HyperbolicConfig,
@@ -28,7 +29,6 @@ from hidden_projection import (
     layer_pairs,
     parse_layer_ids,
 )
-from hyptorch import pmath
 
 
 def _pairs(strategy, lt, ls, ids=None):
@@ -364,7 +364,7 @@ def test_hidden_losses_rows_and_values(align):
 
 
 def test_hidden_losses_pool_and_project_and_errors():
-    from errors import UserError
+    from kdcore.errors import UserError
 
     batch = _batch()
     teacher_states = tuple(torch.randn(2, 6, 8) for _ in range(3))

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from shard_io import open_shards
+from kdcore.shard_io import open_shards
 from test_train import run_train, train_argv
 
 
 def test_pipeline_with_the_teachers_tokenizer_gives_identity_artifacts(same_vocab_out, teacher_dir):
-    from tokenizer_utils import UNMAPPED_PATTERN, load_tokenizer, vocab_list
+    from kdcore.tokenizer_utils import UNMAPPED_PATTERN, load_tokenizer, vocab_list
 
     out = same_vocab_out
     vocab = vocab_list(load_tokenizer(teacher_dir))
@@ -49,8 +49,8 @@ def test_select_copies_the_chosen_layers(same_vocab_out, teacher_dir):
 
 
 def test_select_rejects_bad_layers(tmp_path, teacher_dir, same_vocab_out, capsys):
-    from errors import run_cli
     from init_weights import main
+    from kdcore.errors import run_cli
 
     argv = ["--teacher_name", str(teacher_dir), "--student_name", str(same_vocab_out / "student"), "--out",
             str(tmp_path / "init"), "--init_strategy", "select", "--layers"]
@@ -84,8 +84,8 @@ def test_shared_vocabulary_training(tmp_path, same_vocab_out, teacher_dir, restr
 def test_shared_step_equals_dense_reference(same_vocab_out, teacher_dir):
     """KL over every non-pad position (or the MLM targets) and MLM, against full-logit computations."""
     from custom_step import IGNORE_INDEX
-    from model_io import load_student, load_teacher
-    from step_runner import KLPlan, StudentRunner, combine_losses, teacher_logits
+    from kdcore.model_io import load_student, load_teacher
+    from kdcore.step_runner import KLPlan, StudentRunner, combine_losses, teacher_logits
 
     torch.manual_seed(0)
     student = load_student(same_vocab_out / "student", same_vocab_out / "student_init").eval()

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from errors import UserError
-from shard_io import Block, Shard, ShardSetWriter, open_shards, ragged_take, read_index
+from kdcore.errors import UserError
+from kdcore.shard_io import Block, Shard, ShardSetWriter, open_shards, ragged_take, read_index
 
 FP = {"teacher": "t" * 64, "student": "s" * 64}
 

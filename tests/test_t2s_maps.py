@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from kdcore.tokenizer_utils import greedy_split, surface
 from student2teacher import invert
 from teacher_tokens_split import pad_splits, split_vocabulary
-from tokenizer_utils import greedy_split, surface
 
 STUDENT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "к", "о", "т", "##к", "##о", "##т", "##ы", "кот",
            "##от", "ко", "##ко", "м", "##м"]

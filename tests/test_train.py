@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from errors import run_cli
+from kdcore.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,8 +72,8 @@ def test_each_alignment_trains(tmp_path, pipeline_out, teacher_dir, align):
 def test_exported_student_predicts_like_the_trained_module(tmp_path, pipeline_out):
     from transformers import AutoModelForMaskedLM
 
-    from model_io import load_student
-    from step_runner import StudentRunner
+    from kdcore.model_io import load_student
+    from kdcore.step_runner import StudentRunner
 
     dump = tmp_path / "dump"
     assert run_train(train_argv(pipeline_out, dump, "--max_steps", "3", "--alpha_mlm", "1.0")) == 0
@@ -188,7 +188,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path, pipeline_out, capsys):
 
 
 def test_ranks_read_disjoint_shards():
-    from errors import UserError
+    from kdcore.errors import UserError
     from train import assign_shards
 
     shards = list(range(6))

@@ -87,7 +87,7 @@ def test_hyperbolic_resume_restores_the_curvature(tmp_path, pipeline_out, teache
 
 def _small_shard_set(src: Path, dst: Path, n: int) -> Path:
     """The first n sequences of src's first shard (with their match masks) as a one-shard set."""
-    from shard_io import ShardSetWriter, open_shards, read_index
+    from kdcore.shard_io import ShardSetWriter, open_shards, read_index
 
     index = read_index(src)
     block = open_shards(src)[0].block(0, n)
@@ -156,9 +156,9 @@ def test_hidden_bad_flags(tmp_path, pipeline_out, teacher_dir, capsys):
 def test_delta_cli_and_library_agree(tmp_path, pipeline_out, teacher_dir, capsys):
     import delta
     from hyptorch.delta import POINCARE_DELTA_REL
+    from kdcore.model_io import load_teacher
+    from kdcore.shard_io import open_shards
     from lm_seqs_dataset import Collator, LmSeqsDataset
-    from model_io import load_teacher
-    from shard_io import open_shards
 
     data = pipeline_out / "processed_binarized"
     out = tmp_path / "c.json"
@@ -177,7 +177,7 @@ def test_delta_cli_and_library_agree(tmp_path, pipeline_out, teacher_dir, capsys
     # the student side reads the student tokens; a teacher on the student side is refused
     student = ["--model", str(pipeline_out / "student_init"), "--side", "student", *argv[2:4], *argv[6:-2]]
     assert delta.main(student) == 0
-    from errors import UserError
+    from kdcore.errors import UserError
 
     with pytest.raises(UserError, match="vocabulary"):
         delta.main([*argv[:5], "student", *argv[6:]])

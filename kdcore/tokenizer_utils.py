@@ -15,9 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+from kdcore.errors import UserError
 
 CONT_PREFIX = "##"
+MAX_LEN = 512
+"""The longest sequence a BERT-base model reads (its 512 position embeddings): the default `model_max_length` of
+the tokenizers and the default `--max_len` of the pipeline."""
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # Teacher vocabulary entries that never come out of text and get no student split ([unused12], <S>, </T>).
 UNMAPPED_PATTERN = re.compile(r"^(\[unused\d+\]|</?[A-Za-z]+>)$")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
-from fsutil import atomic_save_npy, atomic_write_json, publish_dir, temp_sibling
-from tokenizer_utils import smallest_uint
+from kdcore.errors import UserError
+from kdcore.fsutil import atomic_save_npy, atomic_write_json, publish_dir, temp_sibling
+from kdcore.tokenizer_utils import smallest_uint
 
 FORMAT = "rvkd-shard/1"
 INDEX = "index.json"

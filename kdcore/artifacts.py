@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+from kdcore.errors import UserError
 
 MANIFEST = "manifest.json"
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from custom_step import IGNORE_INDEX, kl_div_loss, lm_head_logits, mlm_loss, reduce_map_logits, reduce_pool
-from errors import UserError
+from kdcore.errors import UserError
 
 ALIGNMENTS = ("match", "reduce", "reduce_map", "shared")
 HIDDEN_LOSS_NAMES = ("loss_mse", "loss_cos", "loss_contrastive")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from errors import UserError
+from kdcore.errors import UserError
 
 
 def _quiet_transformers() -> None:

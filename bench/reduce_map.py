@@ -22,7 +22,7 @@ allocated memory before the run. Time is the median wall time of the timed runs;
 percent on a shared machine (fewer `--threads` than free cores helps), while the peaks are reproducible
 to ~1 MiB.
 
-Usage: .venv/bin/python bench/my_index.py [--teacher_vocab 30000] [--rows 256] [--out bench/results/my_index.json]
+Usage: .venv/bin/python bench/reduce_map.py [--teacher_vocab 30000] [--rows 256] [--out bench/results/reduce_map.json]
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="torch device string")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "my_index.json"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "reduce_map.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.reps < 1 or a.warmup < 0:

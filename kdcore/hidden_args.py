@@ -11,7 +11,7 @@ import argparse
 import math
 from collections.abc import Sequence
 
-from errors import UserError
+from kdcore.errors import UserError
 
 
 def add_hyperbolic_subcommand(p: argparse.ArgumentParser, *, adjust_c: Sequence[str], delta_vectors: Sequence[str],
@@ -49,7 +49,7 @@ def validate_hidden_losses(a: argparse.Namespace, *, row: str = "sequence") -> N
     """One-line errors for the layer, projection, contrastive and hyperbolic options, once some hidden-state
     loss is on (each CLI checks its own options first). row: what one row of pool_and_project stands for
     ("sequence", "example"), for the messages."""
-    from hidden_projection import parse_layer_ids
+    from kdcore.hidden_projection import parse_layer_ids
 
     if a.projection_strategy == "select_by_ids":
         if not a.t_s_layers_ids:

@@ -41,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from custom_step import HIDDEN_LOSSES, contrastive_loss, masked_mean_pool, reduce_pool
-from errors import UserError
 from hyptorch.nn import HyperbolicDistanceLayer, HypLinear, ToPoincare
+from kdcore.errors import UserError
 
 PROJECTION_STRATEGIES = ("last", "skip", "average", "average_by_layers", "weighted_average_by_layers",
                          "select_by_ids", "pool_and_project")

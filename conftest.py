@@ -1,7 +1,0 @@
-"""Test-wide settings: offline hub, few threads, deterministic tokenizers."""
-
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
