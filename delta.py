@@ -8,8 +8,9 @@ Khrulkov et al., "Hyperbolic Image Embeddings", CVPR 2020).
    with the first point as base point), relative delta = 2 delta / diameter, c = (0.144 / relative delta)^2;
    the mean of c over `n_tries` random subsets (`hyptorch.delta.estimate_curvature`).
 
-Library: `sample_output_vectors`, `model_curvature` (used by `train.py hyperbolic --init_c ...` and
-`--adjust_c recompute_after_epoch`). CLI:
+Library: `sample_output_vectors` (used by `train.py hyperbolic --init_c ...` and `--adjust_c
+recompute_after_epoch`, which estimate c with `kdcore.trainer_core.fit_curvature`), `model_curvature` (the CLI's
+sample and estimate). CLI:
 
     python delta.py --model TEACHER_DIR --binarized_data_folder OUT/processed_binarized --side teacher \
         [--n_samples 1000] [--n_components 100] [--n_tries 3] [--out c.json]
@@ -107,11 +108,9 @@ def sample_output_vectors(model: nn.Module, data, collator, side: str, n_samples
 
 def model_curvature(model: nn.Module, data, collator, side: str, n_samples: int = 1000, n_components: int = 100,
                     n_tries: int = 3, batch_size: int = 16, device: torch.device | str | None = None, seed: int = 0,
-                    vectors: str = "logits", distributed: bool = False) -> tuple[float, dict]:
+                    vectors: str = "logits") -> tuple[float, dict]:
     """(c, details): the curvature suggested by `n_samples` output vectors of `model` on `data` (see
-    `sample_output_vectors` and `hyptorch.delta.estimate_curvature`). With `distributed`, every process
-    estimates c on its own data and the mean over processes is returned (the same value on every rank).
-    A tree-like sample (relative delta ~ 0) is a one-line UserError naming the fix.
+    `sample_output_vectors` and `hyptorch.delta.estimate_curvature`). A tree-like sample (relative delta ~ 0) is a one-line UserError naming the fix.
     """
     from hyptorch.delta import estimate_curvature
 
@@ -122,13 +121,6 @@ def model_curvature(model: nn.Module, data, collator, side: str, n_samples: int 
     except ValueError as err:
         raise UserError(f"cannot estimate the curvature from the {side}'s outputs: {err}") from err
     details.update(n_vectors=int(x.shape[0]), side=side, vectors=vectors, c_mean=c)
-    if distributed:
-        import torch.distributed as dist
-
-        value = torch.tensor([c], dtype=torch.float64, device=device)
-        dist.all_reduce(value)
-        c = float(value.item()) / dist.get_world_size()
-        details["c_mean_over_processes"] = c
     return c, details
 
 

@@ -1,11 +1,13 @@
-"""`Distiller`: the training loop only (devices, DDP, accumulation, schedules, validation, logging,
-checkpoints, resume, export). What is computed in a step lives in `step_runner.py` and `custom_step.py`.
+"""`Distiller`: the training loop only (devices, DDP, accumulation, validation, logging, checkpoints, resume,
+export), reading a typed `kdcore.config.TrainConfig`. What is computed in a step lives in `kdcore/step_runner.py`
+(which passes run, aligned how: `kdcore/alignments.py`) and `custom_step.py` (the losses); precision, the optimizer
+and its step and the learning-rate schedule are the trainer core's (`kdcore/trainer_core.py`, shared with GLUE).
 
-Schedule: AdamW; the learning rate is base_lr x warm-up factor (linear from 0 over the first
-`warmup_prop` of the planned updates, then 1) x plateau factor (`PlateauScaler`: multiplied by
-`reduce_factor` when the validation loss stops improving, as torch's ReduceLROnPlateau). Checkpoints hold
-the full state (model, optimizer, scaler, schedules, sampler position, counters and every rank's RNG
-states) and are written atomically, so `--load_from_checkpoint` continues exactly where a run stopped.
+Schedule: AdamW; the learning rate is base_lr x warm-up factor (linear over the first `warmup_prop` of the planned
+updates, then 1) x plateau factor (`PlateauScaler`: multiplied by `reduce_factor` when the validation loss stops
+improving, as torch's ReduceLROnPlateau). Checkpoints hold the full state (model, optimizer, scaler, schedules,
+sampler position, counters and every rank's RNG states) and are written atomically, so `--load_from_checkpoint`
+continues exactly where a run stopped.
 """
 
 from __future__ import annotations
@@ -28,49 +30,24 @@ from torch import nn
 
 from custom_step import mlm_mask
 from grouped_batch_sampler import GroupedBatchSampler
+from kdcore.alignments import StudentPass
+from kdcore.config import TrainConfig
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_write_json, staged_dir, temp_sibling
-from kdcore.step_runner import KLPlan, StudentRunner, combine_losses, teacher_forward
+from kdcore.step_runner import StudentRunner, combine_losses, teacher_forward
+from kdcore.trainer_core import (
+    LrSchedule,
+    PlateauScaler,
+    autocast,
+    build_optimizer,
+    grad_scaler,
+    optimizer_step,
+)
 from lm_seqs_dataset import Collator, LmSeqsDataset
-from utils import DistInfo, adamw, load_optimizer_state, memory_mb, param_digest, rng_state, set_rng_state
+from utils import DistInfo, load_optimizer_state, memory_mb, param_digest, rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class PlateauScaler:
-    """ReduceLROnPlateau as a multiplicative factor (so it composes with warm-up): relative threshold,
-    patience and cooldown counted in validations, and a floor `min_lr` on base_lr x factor."""
-
-    def __init__(self, base_lr: float, factor: float = 0.5, patience: int = 3, cooldown: int = 3,
-                 threshold: float = 1e-2, min_lr: float = 1e-6):
-        self.base_lr, self.factor, self.patience = base_lr, factor, patience
-        self.cooldown, self.threshold, self.min_lr = cooldown, threshold, min_lr
-        self.scale, self.best, self.bad, self.cooldown_left = 1.0, math.inf, 0, 0
-
-    def step(self, value: float) -> bool:
-        """Record a validation loss; returns True when the factor was reduced."""
-        if value < self.best * (1 - self.threshold):
-            self.best, self.bad = value, 0
-        else:
-            self.bad += 1
-        if self.cooldown_left > 0:
-            self.cooldown_left -= 1
-            self.bad = 0
-        if self.bad > self.patience:
-            new = max(self.scale * self.factor, self.min_lr / self.base_lr)
-            reduced = new < self.scale
-            self.scale, self.cooldown_left, self.bad = new, self.cooldown, 0
-            return reduced
-        return False
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale, "best": self.best, "bad": self.bad, "cooldown_left": self.cooldown_left}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale, self.best = state["scale"], state["best"]
-        self.bad, self.cooldown_left = state["bad"], state["cooldown_left"]
 
 
 @dataclass
@@ -85,29 +62,23 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.98; fused where `utils.adamw` can); no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return adamw(groups, lr=lr, betas=(0.9, 0.98), eps=eps)
-
-
 class Distiller:
     """Runs the training loop of `StudentRunner` (optionally against a teacher) on sharded data."""
 
-    def __init__(self, args, dist_info: DistInfo, runner: StudentRunner, teacher: nn.Module | None,
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, runner: StudentRunner, teacher: nn.Module | None,
                  train_data: LmSeqsDataset, valid_data: LmSeqsDataset, collator: Collator,
                  token_probs: torch.Tensor | None, special: dict[str, int], tokenizer, logger, writer=None):
-        self.args, self.dist, self.logger, self.writer = args, dist_info, logger, writer
+        self.cfg, self.dist, self.logger, self.writer = cfg, dist_info, logger, writer
         self.device = dist_info.device
         self.tokenizer, self.special = tokenizer, special
-        self.kl: KLPlan | None = runner.kl.to(self.device) if runner.kl is not None else None
+        self.kl = runner.kl.to(self.device) if runner.kl is not None else None
         runner.kl = self.kl
         self.runner = runner.to(self.device)
         self.hidden = runner.hidden  # hidden_projection.HiddenLosses or None
+        positions = [p for p in (self.kl.positions if self.kl else None,
+                                 self.hidden.positions if self.hidden else None) if p is not None]
+        self.with_t2s = any(p.student_pass is StudentPass.T2S for p in positions)
+        self.teacher_reads_student_ids = any(p.teacher_reads_student_ids for p in positions)
         self.epoch_end_hooks: list = []  # callables f(distiller) run after every completed epoch, before validation
         self.model: nn.Module = self.runner
         if dist_info.distributed:
@@ -118,21 +89,23 @@ class Distiller:
             self.teacher.requires_grad_(False)
         self.train_data, self.valid_data, self.collator = train_data, valid_data, collator
         self.token_probs = token_probs
-        self.amp_dtype = PRECISIONS[args.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
-        self.optimizer = build_optimizer(self.runner, args.learning_rate, args.weight_decay, args.adam_epsilon)
-        self.sampler = self._sampler(train_data, shuffle_seed=args.seed)
-        self.steps_per_epoch = len(self.sampler) // args.gradient_accumulation_steps
+        opt = cfg.optim
+        self.precision = opt.precision
+        self.scaler = grad_scaler(self.device, opt.precision)
+        self.optimizer = build_optimizer(self.runner.named_parameters(), opt.learning_rate, opt.weight_decay,
+                                         opt.adam_epsilon, opt.betas)
+        self.sampler = self._sampler(train_data, shuffle_seed=cfg.loop.seed)
+        self.steps_per_epoch = len(self.sampler) // opt.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
             raise UserError(f"{len(self.sampler)} batches per epoch are fewer than --gradient_accumulation_steps "
-                            f"{args.gradient_accumulation_steps}; use more data or smaller --batch_size")
-        planned = self.steps_per_epoch * args.n_epoch
-        self.total_steps = min(planned, args.max_steps) if args.max_steps else planned
-        self.warmup_steps = math.ceil(args.warmup_prop * self.total_steps)
-        self.plateau = PlateauScaler(args.learning_rate, factor=args.reduce_factor)
+                            f"{opt.gradient_accumulation_steps}; use more data or smaller --batch_size")
+        planned = self.steps_per_epoch * cfg.loop.n_epoch
+        self.total_steps = min(planned, cfg.loop.max_steps) if cfg.loop.max_steps else planned
+        self.plateau = PlateauScaler(opt.learning_rate, factor=opt.reduce_factor)
+        self.schedule = LrSchedule(opt.learning_rate, self.total_steps, opt.warmup_prop, plateau=self.plateau)
         self.state = TrainState()
-        self.generator = torch.Generator().manual_seed(args.seed * 1000 + dist_info.rank)
-        self.dump = Path(args.dump_path)
+        self.generator = torch.Generator().manual_seed(cfg.loop.seed * 1000 + dist_info.rank)
+        self.dump = Path(cfg.output.dump_path)
         self.rank_checksums: list[str] = []
         self._set_lr()
 
@@ -141,80 +114,62 @@ class Distiller:
         """Batches of this rank's shards: every rank gets the smallest count (so that the processes stay in step),
         rounded down to whole updates (no gradient is carried across epochs)."""
         lengths = np.maximum(data.lengths("teacher"), data.lengths("student"))
-        sampler = GroupedBatchSampler(lengths, self.args.batch_size, group_by_size=self.args.group_by_size,
-                                      seed=shuffle_seed)
+        batch_size, by_size = self.cfg.data.batch_size, self.cfg.data.group_by_size
+        sampler = GroupedBatchSampler(lengths, batch_size, group_by_size=by_size, seed=shuffle_seed)
         n = torch.tensor(len(sampler), device=self.device)
         if self.dist.distributed:
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        accum = self.args.gradient_accumulation_steps
-        return GroupedBatchSampler(lengths, self.args.batch_size, group_by_size=self.args.group_by_size,
-                                   seed=shuffle_seed, num_batches=int(n.item()) // accum * accum)
+        accum = self.cfg.optim.gradient_accumulation_steps
+        return GroupedBatchSampler(lengths, batch_size, group_by_size=by_size, seed=shuffle_seed,
+                                   num_batches=int(n.item()) // accum * accum)
 
     def _batch(self, data: LmSeqsDataset, indices) -> dict[str, torch.Tensor]:
-        with_t2s = (self.kl is not None and self.kl.needs_t2s) or (self.hidden is not None and self.hidden.needs_t2s)
-        batch = self.collator(data.gather(indices), with_t2s=with_t2s)
+        batch = self.collator(data.gather(indices), with_t2s=self.with_t2s)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _mask(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
         if self.token_probs is None:
             return batch["s_ids"], torch.full_like(batch["s_ids"], -100)
-        a = self.args
-        return mlm_mask(batch["s_ids"], batch["s_mask"], self.token_probs, a.mlm_mask_prop, a.word_mask, a.word_keep,
-                        a.word_rand, self.special["mask"], self.token_probs.numel(), generator)
+        m = self.cfg.mlm
+        return mlm_mask(batch["s_ids"], batch["s_mask"], self.token_probs, m.mask_prop, m.word_mask, m.word_keep,
+                        m.word_rand, self.special["mask"], self.token_probs.numel(), generator)
 
     # ----- one step -----------------------------------------------------------------------------------
     def _teacher(self, batch: dict[str, torch.Tensor], masked: torch.Tensor, labels: torch.Tensor):
         """One teacher pass for the KL and the hidden-state terms: (logits or None, hidden states or None)."""
         if self.teacher is None or (self.kl is None and self.hidden is None):
             return None, None
-        hidden = self.hidden is not None
-        return teacher_forward(self.teacher, batch, self.kl, masked, labels, hidden_states=hidden,
-                               shared=hidden and self.hidden.cfg.align == "shared")
-
-    def _alphas(self) -> dict[str, float]:
-        a = self.args
-        return {"ce": a.alpha_ce, "mlm": a.alpha_mlm, **{name: getattr(a, f"alpha_{name}", 0.0)
-                                                          for name in ("mse", "cos", "contrastive")}}
+        return teacher_forward(self.teacher, batch, self.kl, masked, labels, hidden_states=self.hidden is not None,
+                               reads_student_ids=self.teacher_reads_student_ids)
 
     def _losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
         masked, labels = self._mask(batch, generator)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-        with autocast:
+        with autocast(self.device, self.precision):
             t_logits, t_states = self._teacher(batch, masked, labels)
             student_out = self.model(batch, masked, labels, t_states)
         if t_logits is not None and t_logits.shape[0] != student_out["kl_student"].shape[0]:
             raise UserError(f"{t_logits.shape[0]} teacher rows but {student_out['kl_student'].shape[0]} student rows "
                             "are aligned in a batch: the match masks of the shards are inconsistent; re-run "
                             "find_matching_ids.py")
-        return combine_losses(student_out, t_logits, self.kl, self._alphas())
+        return combine_losses(student_out, t_logits, self.kl, self.cfg.losses.weights)
 
     def _set_lr(self) -> float:
-        step = self.state.global_step
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        lr = self.args.learning_rate * warm * self.plateau.scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return self.schedule.apply(self.optimizer, self.state.global_step)
 
     def _optimizer_step(self) -> float:
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.runner.parameters(), self.args.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(self.optimizer, self.scaler, self.runner.parameters(), self.cfg.optim.max_grad_norm)
         self.state.global_step += 1
         self._set_lr()
-        return float(norm)
+        return norm
 
     # ----- loop ---------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         """Train until n_epoch epochs, max_steps updates or the validation patience runs out."""
-        a = self.args
-        accum = a.gradient_accumulation_steps
+        out, accum = self.cfg.output, self.cfg.optim.gradient_accumulation_steps
         progress = self._progress()
         sums: dict[str, float] = {}
         tokens, t_last, stop = 0, time.perf_counter(), False
-        while self.state.epoch < a.n_epoch and not stop:
+        while self.state.epoch < self.cfg.loop.n_epoch and not stop:
             if self.sampler.state_dict()["batches_done"] == 0:
                 self.sampler.set_epoch(self.state.epoch)
             micro, nonfinite = 0, torch.zeros((), device=self.device)
@@ -241,11 +196,11 @@ class Distiller:
                 step = self.state.global_step
                 if progress is not None:
                     progress.update(1)
-                if step % a.log_interval == 0:
+                if step % out.log_interval == 0:
                     elapsed = time.perf_counter() - t_last
-                    self._log_train(sums, a.log_interval, grad_norm, tokens / max(elapsed, 1e-9))
+                    self._log_train(sums, out.log_interval, grad_norm, tokens / max(elapsed, 1e-9))
                     sums, tokens, t_last = {}, 0, time.perf_counter()
-                if step % a.checkpoint_interval == 0 or step == self.total_steps:
+                if step % out.checkpoint_interval == 0 or step == self.total_steps:
                     stop = self._validate_and_save()
                 if step >= self.total_steps or stop:
                     stop = True
@@ -255,7 +210,7 @@ class Distiller:
                 self.sampler.set_epoch(self.state.epoch)
                 for hook in self.epoch_end_hooks:
                     hook(self)
-                if self.state.global_step % a.checkpoint_interval != 0:
+                if self.state.global_step % out.checkpoint_interval != 0:
                     stop = self._validate_and_save()
         if progress is not None:
             progress.close()
@@ -285,18 +240,18 @@ class Distiller:
         """Mean total loss over this process's validation data (averaged over ranks), in eval mode, with a
         fixed masking seed so that validations are comparable."""
         self.runner.eval()
-        generator = torch.Generator().manual_seed(self.args.seed + 7919 * (self.dist.rank + 1))
+        generator = torch.Generator().manual_seed(self.cfg.loop.seed + 7919 * (self.dist.rank + 1))
         lengths = np.maximum(self.valid_data.lengths("teacher"), self.valid_data.lengths("student"))
         order = np.argsort(lengths, kind="stable")
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for start in range(0, len(order), self.args.batch_size):
-            batch = self._batch(self.valid_data, order[start:start + self.args.batch_size])
+        batch_size = self.cfg.data.batch_size
+        for start in range(0, len(order), batch_size):
+            batch = self._batch(self.valid_data, order[start:start + batch_size])
             masked, labels = self._mask(batch, generator)
-            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-            with autocast:
+            with autocast(self.device, self.precision):
                 t_logits, t_states = self._teacher(batch, masked, labels)
                 out = self.runner(batch, masked, labels, t_states)
-            total, _ = combine_losses(out, t_logits, self.kl, self._alphas())
+            total, _ = combine_losses(out, t_logits, self.kl, self.cfg.losses.weights)
             sums += torch.tensor([float(total), 1.0], dtype=torch.float64, device=self.device)
         if self.dist.distributed:
             dist.all_reduce(sums)
@@ -313,7 +268,7 @@ class Distiller:
             return False
         value = self.validate()
         step = self.state.global_step
-        reduced = self.plateau.step(value) if math.isfinite(value) else False
+        reduced = self.schedule.on_validation(value)
         self._set_lr()
         improved = value < self.state.best_valid
         if improved:
@@ -330,7 +285,7 @@ class Distiller:
             if improved:
                 self.export(self.dump / "best")
         self.save_checkpoint()
-        patience = self.args.valid_epochs_patience
+        patience = self.cfg.loop.valid_epochs_patience
         if patience and self.state.bad_validations >= patience:
             if self.dist.is_master:
                 self.logger.info(f"no validation improvement for {patience} validations: stopping")

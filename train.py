@@ -1,20 +1,26 @@
-"""Distillation (or MLM-only training) of a student masked LM: parse and validate the arguments, build
-the data, models, alignment plan and `Distiller`, and run it. Launch with `python train.py ...` for one
-process or `./train_multi_gpu.sh ...` (torchrun) for several.
+"""Distillation (or MLM-only training) of a student masked LM: parse the command line into a typed
+`kdcore.config.TrainConfig`, build the alignment (`kdcore.alignments`), the data, models and `Distiller`, and run
+it. Launch with `python train.py ...` for one process or `./train_multi_gpu.sh ...` (torchrun) for several.
 
-Logit alignment (`--align_logits`):
+    python train.py --pipeline_dir OUT --teacher_name TEACHER --align_logits match --dump_path DUMP [...]
+
+`--pipeline_dir` fills every data and artifact flag that the run reads; an explicit flag overrides it.
+
+Logit alignment (`--align_logits`, chosen explicitly, never inferred from the files given):
 - `match`: KL at positions where teacher and student hold the same token over the same text span (the
   shards' match masks), over the matched vocabulary (`--matching_ids matched_vocab.json`);
 - `reduce`: the student also runs on the t2s sequence (`--t2s_mapping teacher2student.json`); its piece
   logits are pooled (sum, or mean with `--average_logits`) onto every teacher position; KL over the
-  matched vocabulary; with `--t2s_vocab_padded t2s_padded.npy --t2s_mapped_ids t2s_mapped_ids.npy` this
-  becomes reduce-map: KL over every mapped teacher token, scored as the sum of its pieces' logits (or
-  their logsumexp with `--sum_probs`); `--s2t_vocab_padded/--s2t_idxs_padded` select the `my_index`
-  implementation.
+  matched vocabulary;
+- `reduce_map`: as reduce, KL over every mapped teacher token (`--t2s_vocab_padded t2s_padded.npy
+  --t2s_mapped_ids t2s_mapped_ids.npy`), scored as the sum of its pieces' logits (or their logsumexp with
+  `--sum_probs`); `--reduce_map_impl sparse` (default, exact) or `my_index` (inverse maps `--s2t_vocab_padded`,
+  `--s2t_idxs_padded`; a partial-sum gradient when the pipeline capped them, logged once);
 - shared vocabulary (the teacher's and the student's tokenizers are identical, e.g. the pipeline run with
-  `--student_tokenizer TEACHER_DIR`): recognised automatically, `--align_logits` and the maps are not
-  needed; as in DistilBERT both models read the same masked ids and the KL covers every non-pad position
-  (only the MLM targets with `--restrict_ce_to_mask`) over the whole vocabulary.
+  `--student_tokenizer TEACHER_DIR`): recognised automatically; as in DistilBERT both models read the same
+  masked ids and the KL covers every non-pad position (only the MLM targets with `--restrict_ce_to_mask`)
+  over the whole vocabulary.
+An artifact flag that the chosen alignment does not read is an error.
 Without `--teacher_name` only the MLM loss is trained (the no-distillation baseline, or pretraining).
 """
 
@@ -26,22 +32,11 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
-from kdcore.artifacts import (
-    check_fingerprints,
-    load_counts,
-    load_matched_vocab,
-    load_s2t,
-    load_t2s_mapped_ids,
-    load_t2s_padded,
-    load_teacher2student,
-    read_manifest,
-)
+from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, selectable_alignments
+from kdcore.artifacts import check_fingerprints, load_counts, read_manifest
+from kdcore.config import TrainConfig
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_write_json
-
-ALIGN_CHOICES = ("match", "reduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load_from_checkpoint", help="resume from dump_path/checkpoints/<step> (or a dump_path)")
 
     g = p.add_argument_group("data and models")
-    g.add_argument("--binarized_data_folder", required=True, help="shard set (OUT/processed_binarized)")
-    g.add_argument("--student_name", required=True, help="student directory with config.json and tokenizer")
+    g.add_argument("--pipeline_dir", help="a run_pipeline.py --out_dir: fills every data and artifact flag below that "
+                   "the run reads and the command line leaves out")
+    g.add_argument("--binarized_data_folder", help="shard set (OUT/processed_binarized)")
+    g.add_argument("--student_name", help="student directory with config.json and tokenizer (OUT/student)")
     g.add_argument("--student_pretrained_weights", help="initial student: HF directory or state-dict file")
     g.add_argument("--teacher_name", help="teacher BertForMaskedLM directory (omit for MLM-only training)")
     g.add_argument("--student_token_counts", help="student_counts.npy (MLM masking probabilities)")
@@ -78,18 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--restrict_ce_to_mask", action="store_true",
                    help="shared vocabulary: KL only at the MLM targets instead of every non-pad position")
 
-    g = p.add_argument_group("alignment")
-    g.add_argument("--align_logits", choices=ALIGN_CHOICES, default="match", help="see the module docstring")
+    g = p.add_argument_group("alignment (the artifact flags are filled by --pipeline_dir; one the chosen alignment "
+                             "does not read is an error)")
+    g.add_argument("--align_logits", choices=selectable_alignments(), default="match",
+                   help="positions and columns of the KL term (see the module docstring; with one vocabulary the "
+                   "alignment is always shared)")
     g.add_argument("--matching_ids", help="matched_vocab.json: the columns compared by match and reduce")
-    g.add_argument("--t2s_mapping", help="teacher2student.json: builds the t2s input of reduce")
-    g.add_argument("--t2s_vocab_padded", help="t2s_padded.npy: turns reduce into reduce-map")
-    g.add_argument("--t2s_mapped_ids", help="t2s_mapped_ids.npy: the teacher columns of reduce-map")
-    g.add_argument("--s2t_vocab_padded", help="s2t_padded.npy: use my_index for reduce-map")
-    g.add_argument("--s2t_idxs_padded", help="s2t_idxs_padded.npy: use my_index for reduce-map")
-    g.add_argument("--sum_probs", action="store_true", help="reduce-map scores = logsumexp of the pieces")
+    g.add_argument("--t2s_mapping", help="teacher2student.json: the t2s input of reduce and reduce_map")
+    g.add_argument("--t2s_vocab_padded", help="t2s_padded.npy: the teacher tokens' pieces (reduce_map)")
+    g.add_argument("--t2s_mapped_ids", help="t2s_mapped_ids.npy: the teacher columns of reduce_map")
+    g.add_argument("--s2t_vocab_padded", help="s2t_padded.npy: the inverse map of --reduce_map_impl my_index")
+    g.add_argument("--s2t_idxs_padded", help="s2t_idxs_padded.npy: the inverse map of --reduce_map_impl my_index")
+    g.add_argument("--sum_probs", action="store_true", help="reduce_map scores = logsumexp of the pieces")
     g.add_argument("--average_logits", action="store_true", help="reduce pools pieces by mean instead of sum")
-    g.add_argument("--reduce_map_impl", choices=("sparse", "gather", "my_index", "my_index_gather"),
-                   help="reduce-map implementation (default: my_index with the s2t maps, else sparse)")
+    g.add_argument("--reduce_map_impl", choices=EXACT_REDUCE_MAP_IMPLS, default="sparse",
+                   help="reduce_map implementation: sparse (exact gradient) or my_index (inverse-map backward: with "
+                   "the pipeline's capped inverse map a partial-sum gradient, see README)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--n_epoch", type=int, default=3)
@@ -117,125 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate_args(a: argparse.Namespace) -> None:
-    """Reject inconsistent arguments before any heavy work (one-line errors)."""
-    if a.alpha_ce < 0 or a.alpha_mlm < 0:
-        raise UserError("--alpha_ce and --alpha_mlm must not be negative")
-    hidden_alphas = a.alpha_mse + a.alpha_cos + a.alpha_contrastive
-    if a.alpha_ce + a.alpha_mlm + hidden_alphas <= 0:
-        raise UserError("the loss weights sum to zero; set --alpha_ce and/or --alpha_mlm")
-    if a.alpha_ce > 0 and not a.teacher_name:
-        raise UserError("--alpha_ce > 0 needs a teacher: pass --teacher_name")
-    if a.teacher_name and a.alpha_ce == 0 and hidden_alphas == 0:
-        raise UserError("--teacher_name is given but --alpha_ce is 0; set --alpha_ce (or a hidden-state loss) or "
-                        "drop the teacher")
-    if abs(a.word_mask + a.word_keep + a.word_rand - 1.0) > 1e-6:
-        raise UserError("--word_mask + --word_keep + --word_rand must sum to 1")
-    if not 0 < a.mlm_mask_prop < 1:
-        raise UserError(f"--mlm_mask_prop {a.mlm_mask_prop} must be in (0, 1)")
-    if not 0 <= a.valid_prop < 1:
-        raise UserError(f"--valid_prop {a.valid_prop} must be in [0, 1)")
-    for flag in ("batch_size", "gradient_accumulation_steps", "n_epoch", "log_interval", "checkpoint_interval"):
-        if getattr(a, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    a.shared_vocab = bool(a.teacher_name) and shared_vocabulary(a.teacher_name, a.student_name)
-    if a.restrict_ce_to_mask and not a.shared_vocab:
-        raise UserError("--restrict_ce_to_mask needs a teacher with the student's vocabulary (shared-vocabulary "
-                        "distillation); with different vocabularies --align_logits chooses the positions")
-    if a.alpha_ce > 0 and not a.shared_vocab:
-        reduce_map = a.align_logits == "reduce" and a.t2s_vocab_padded
-        if not reduce_map and not a.matching_ids:
-            raise UserError(f"--align_logits {a.align_logits} needs --matching_ids (matched_vocab.json)")
-        if a.align_logits == "reduce" and not a.t2s_mapping:
-            raise UserError("--align_logits reduce needs --t2s_mapping (teacher2student.json) for the t2s input")
-        if reduce_map and not a.t2s_mapped_ids:
-            raise UserError("reduce-map (--t2s_vocab_padded) needs --t2s_mapped_ids (t2s_mapped_ids.npy)")
-        if bool(a.s2t_vocab_padded) != bool(a.s2t_idxs_padded):
-            raise UserError("pass both --s2t_vocab_padded and --s2t_idxs_padded, or neither")
-        if a.reduce_map_impl in ("my_index", "my_index_gather") and not a.s2t_vocab_padded:
-            raise UserError(f"--reduce_map_impl {a.reduce_map_impl} needs --s2t_vocab_padded and --s2t_idxs_padded")
-    dump = Path(a.dump_path)
-    if dump.exists() and any(dump.iterdir()) and not (a.force or a.load_from_checkpoint):
-        raise UserError(f"--dump_path {dump} already exists; pass --force to overwrite it or --load_from_checkpoint "
-                        "to resume")
-    for flag in ("binarized_data_folder", "student_name"):
-        if not Path(getattr(a, flag)).is_dir():
-            raise UserError(f"--{flag} {getattr(a, flag)} is not a directory")
-    validate_hidden_args(a)
-
-
-def shared_vocabulary(teacher_name: str, student_name: str) -> bool:
-    """True when the teacher's and the student's tokenizers are the same (same vocabulary and rules)."""
-    from kdcore.tokenizer_utils import fingerprint, load_tokenizer
-
-    for flag, path in (("--teacher_name", teacher_name), ("--student_name", student_name)):
-        if not Path(path).is_dir():
-            raise UserError(f"{flag} {path} is not a directory")
-    return fingerprint(load_tokenizer(teacher_name, "teacher")) == fingerprint(load_tokenizer(student_name, "student"))
-
-
-def freeze_embeddings(student, positions: bool, token_types: bool) -> None:
-    """Stop training the student's position and/or token-type embeddings (DistilBERT's options)."""
-    embeddings = student.base_model.embeddings
-    for wanted, attr, flag in ((positions, "position_embeddings", "--freeze_pos_embs"),
-                               (token_types, "token_type_embeddings", "--freeze_token_type_embds")):
-        if not wanted:
-            continue
-        module = getattr(embeddings, attr, None)
-        if module is None:
-            raise UserError(f"{flag}: the student ({student.config.model_type}) has no {attr}")
-        module.weight.requires_grad_(False)
-
-
-def build_kl_plan(a: argparse.Namespace, n_teacher: int, n_student: int, fingerprints: dict[str, str]):
-    """The KLPlan for the arguments, or None without distillation."""
-    import torch
-
-    from kdcore.step_runner import KLPlan
-
-    if a.alpha_ce == 0:
-        return None, None
-    if a.shared_vocab:
-        return KLPlan("shared", a.temperature, restrict_to_mask=a.restrict_ce_to_mask), None
-    t2s_input = load_t2s_input(a, n_teacher, n_student, fingerprints) if a.align_logits == "reduce" else None
-    if a.align_logits == "reduce" and a.t2s_vocab_padded:
-        from custom_step import reduce_map_matrix
-
-        padded = torch.from_numpy(load_t2s_padded(a.t2s_vocab_padded, n_teacher, n_student))
-        mapped = torch.from_numpy(load_t2s_mapped_ids(a.t2s_mapped_ids, n_teacher))
-        impl = a.reduce_map_impl or ("my_index" if a.s2t_vocab_padded else "sparse")
-        plan = KLPlan("reduce_map", a.temperature, t_columns=mapped, average=a.average_logits, t2s_padded=padded,
-                      sum_probs=a.sum_probs, impl=impl)
-        if a.s2t_vocab_padded:
-            s2t, idxs = load_s2t(a.s2t_vocab_padded, a.s2t_idxs_padded, n_teacher, n_student, padded.shape[1])
-            plan.s2t_padded, plan.s2t_idxs_padded = torch.from_numpy(s2t), torch.from_numpy(idxs)
-        if impl == "sparse":
-            plan.map_matrix = reduce_map_matrix(padded, n_student, mapped)
-        return plan, t2s_input
-    t_cols, s_cols = load_matched_vocab(a.matching_ids, n_teacher, n_student)
-    plan = KLPlan(a.align_logits, a.temperature, t_columns=torch.from_numpy(t_cols),
-                  s_columns=torch.from_numpy(s_cols), average=a.average_logits)
-    return plan, t2s_input
-
-
-def load_t2s_input(a: argparse.Namespace, n_teacher: int, n_student: int, fingerprints: dict[str, str]) -> np.ndarray:
-    """int64 [V_T, S] splits of every teacher token (pad = V_S) from --t2s_mapping: the collator's t2s input,
-    used by the reduce KL and the reduce hidden-state alignment alike."""
-    meta = load_teacher2student(a.t2s_mapping)
-    check_fingerprints(meta["fingerprints"], fingerprints, a.t2s_mapping)
-    if (meta["teacher_vocab_size"], meta["student_vocab_size"]) != (n_teacher, n_student):
-        raise UserError(f"{a.t2s_mapping} maps {meta['teacher_vocab_size']} -> {meta['student_vocab_size']} tokens, "
-                        f"the tokenizers have {n_teacher} -> {n_student}; rebuild it with the pipeline")
-    width = max(1, max(len(s) for s in meta["splits"]))
-    t2s_input = np.full((n_teacher, width), n_student, dtype=np.int64)
-    for v, split in enumerate(meta["splits"]):
-        t2s_input[v, :len(split)] = split
-    return t2s_input
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hidden-state losses (MSE, cosine, contrastive) and the `hyperbolic` sub-command
-# ---------------------------------------------------------------------------------------------------------
 
 HIDDEN_HELP = """Hidden-state losses: --alpha_mse/--alpha_cos/--alpha_contrastive compare teacher and student
 hidden states at aligned positions (--align_hiddens match: matched positions of the student's own run;
@@ -248,6 +130,7 @@ makes the contrastive similarity the negative Poincare distance at curvature c."
 def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
     """The hidden-state loss options and the optional trailing `hyperbolic` sub-command."""
     from custom_step import NEGATIVE_SAMPLING
+    from kdcore.alignments import HIDDEN_POSITIONS
     from kdcore.hidden_args import add_hyperbolic_subcommand
     from kdcore.hidden_projection import ADJUST_C, PROJECT_TO, PROJECTION_STRATEGIES
 
@@ -255,7 +138,7 @@ def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha_mse", type=float, default=0.0, help="weight of the MSE between hidden states")
     g.add_argument("--alpha_cos", type=float, default=0.0, help="weight of the cosine loss between hidden states")
     g.add_argument("--alpha_contrastive", type=float, default=0.0, help="weight of the contrastive (InfoNCE) loss")
-    g.add_argument("--align_hiddens", choices=ALIGN_CHOICES, default="match",
+    g.add_argument("--align_hiddens", choices=tuple(HIDDEN_POSITIONS), default="match",
                    help="positions compared by the hidden-state losses (ignored with a shared vocabulary)")
     g.add_argument("--average_hiddens", action="store_true",
                    help="align_hiddens reduce: pool the pieces of a teacher token by mean instead of sum")
@@ -290,87 +173,17 @@ def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
                               "hidden states", init_c_data="validation data (delta.py)")
 
 
-def hidden_alignment(a: argparse.Namespace) -> str | None:
-    """How the hidden-state losses align rows: "match", "reduce", "shared" (one vocabulary), None when off."""
-    if a.alpha_mse + a.alpha_cos + a.alpha_contrastive <= 0:
-        return None
-    return "shared" if getattr(a, "shared_vocab", False) else a.align_hiddens
-
-
-def validate_hidden_args(a: argparse.Namespace) -> None:
-    """One-line errors for inconsistent hidden-state and hyperbolic options."""
-    from kdcore.hidden_args import validate_hidden_losses
-
-    for flag in ("alpha_mse", "alpha_cos", "alpha_contrastive"):
-        if getattr(a, flag) < 0:
-            raise UserError(f"--{flag} must not be negative")
-    align = hidden_alignment(a)
-    hyperbolic = a.hidden_distil_type == "hyperbolic"
-    if hyperbolic and a.alpha_contrastive <= 0:
-        raise UserError("the hyperbolic sub-command changes the contrastive loss; set --alpha_contrastive")
-    if align is None:
-        return
-    if not a.teacher_name:
-        raise UserError("the hidden-state losses need a teacher: pass --teacher_name")
-    if align == "reduce" and not a.t2s_mapping:
-        raise UserError("--align_hiddens reduce needs --t2s_mapping (teacher2student.json) for the t2s input")
-    mismatched = a.alpha_contrastive > 0 and a.use_mismatched_ids
-    if mismatched and (align != "match" or a.projection_strategy == "pool_and_project"):
-        raise UserError("--use_mismatched_ids needs --align_hiddens match with token-level rows (different "
-                        "vocabularies, not pool_and_project): only match leaves unmatched positions")
-    validate_hidden_losses(a, row="sequence")
-
-
-def build_hidden_losses(a: argparse.Namespace, student, teacher, align: str | None, n_train: int):
-    """The `HiddenLosses` module for the arguments (None when no hidden-state loss is on).
-
-    n_train: training sequences over all processes (the NCE constant of --add_neg_size_constant).
-    """
-    if align is None:
-        return None
-    from kdcore.hidden_projection import HiddenConfig, HiddenLosses, HyperbolicConfig, parse_layer_ids
-
-    losses = tuple(name for name in ("mse", "cos", "contrastive") if getattr(a, f"alpha_{name}") > 0)
-    hyperbolic = None
-    if a.hidden_distil_type == "hyperbolic":
-        hyperbolic = HyperbolicConfig(c=a.c, adjust_c=a.adjust_c, riemannian=a.riemannian, train_x=a.train_x,
-                                      use_hyperbolic_projections=a.use_hyperbolic_projections, use_bias=a.use_bias)
-    cfg = HiddenConfig(
-        losses=losses, align=align, strategy=a.projection_strategy,
-        layer_ids=parse_layer_ids(a.t_s_layers_ids) if a.projection_strategy == "select_by_ids" else None,
-        project_to=a.project_to, intermediate_dim=a.intermediate_dim, train_projections=a.train_projections,
-        train_weights=a.train_weights, pooling="mean" if a.average_hiddens else "sum",
-        n_negatives=a.n_negative_samples, negative_strategy=a.negative_sampling_strategy,
-        teacher_student_prop=a.teacher_student_prop,
-        temperature=a.contrastive_temperature if a.contrastive_temperature is not None else a.temperature,
-        from_one_sample=a.from_one_sample, use_mismatched_ids=a.use_mismatched_ids,
-        noise_prob=1.0 / max(n_train, 1) if a.add_neg_size_constant else 0.0, hyperbolic=hyperbolic)
-    t_cfg, s_cfg = teacher.config, student.config
-    try:
-        return HiddenLosses(cfg, t_cfg.num_hidden_layers, s_cfg.num_hidden_layers, t_cfg.hidden_size,
-                            s_cfg.hidden_size)
-    except ValueError as err:
-        msg = f"{err} (teacher {t_cfg.num_hidden_layers} layers, student {s_cfg.num_hidden_layers})"
-        raise UserError(msg) from err
-
-
-def precompute_curvature(a: argparse.Namespace, hidden, teacher, student, data, collator, dist_info, logger,
-                         epoch: int) -> float:
-    """Estimate c from the teacher's (--init_c precompute_from_teacher) or else the student's outputs on
-    `data` (delta.py; averaged over processes), set it in `hidden`'s hyperbolic layers and return it."""
-    from delta import model_curvature
-
-    side = "teacher" if a.init_c == "precompute_from_teacher" else "student"
-    model = (teacher if side == "teacher" else student).to(dist_info.device)
-    c, details = model_curvature(model, data, collator, side, a.n_samples_to_precompute_c, a.n_components,
-                                 a.n_tries, a.batch_size, dist_info.device, a.seed + epoch, a.delta_vectors,
-                                 distributed=dist_info.distributed)
-    hidden.hyperbolic.set_curvature(c)
-    if dist_info.is_master:
-        logger.info(f"curvature c = {c:.6g} from {details['n_vectors']} {side} {a.delta_vectors} vectors "
-                    f"(relative delta {np.mean(details['delta_rel']):.4g}, PCA {details['n_components']} "
-                    f"components){f' after epoch {epoch}' if epoch else ''}")
-    return c
+def freeze_embeddings(student, positions: bool, token_types: bool) -> None:
+    """Stop training the student's position and/or token-type embeddings (DistilBERT's options)."""
+    embeddings = student.base_model.embeddings
+    for wanted, attr, flag in ((positions, "position_embeddings", "--freeze_pos_embs"),
+                               (token_types, "token_type_embeddings", "--freeze_token_type_embds")):
+        if not wanted:
+            continue
+        module = getattr(embeddings, attr, None)
+        if module is None:
+            raise UserError(f"{flag}: the student ({student.config.model_type}) has no {attr}")
+        module.weight.requires_grad_(False)
 
 
 def assign_shards(shards: list, rank: int, world_size: int) -> list:
@@ -381,12 +194,13 @@ def assign_shards(shards: list, rank: int, world_size: int) -> list:
     return shards[rank::world_size]
 
 
-def prepare_dump(a: argparse.Namespace) -> None:
+def prepare_dump(cfg: TrainConfig) -> None:
     """Create --dump_path once every input has loaded; --force (without resuming) empties it first."""
-    dump = Path(a.dump_path).resolve()
-    if a.force and not a.load_from_checkpoint and dump.exists():
-        inputs = [a.binarized_data_folder, a.student_name, a.student_pretrained_weights, a.teacher_name]
-        for path in filter(None, inputs):
+    dump = cfg.output.dump_path.resolve()
+    if cfg.output.force and not cfg.output.load_from_checkpoint and dump.exists():
+        d = cfg.data
+        for path in filter(None, [d.binarized_data_folder, d.student_name, d.student_pretrained_weights,
+                                  d.teacher_name]):
             if Path(path).resolve().is_relative_to(dump):
                 raise UserError(f"--force would delete {path}, which lies inside --dump_path {dump}; choose "
                                 "another --dump_path")
@@ -394,115 +208,147 @@ def prepare_dump(a: argparse.Namespace) -> None:
     dump.mkdir(parents=True, exist_ok=True)
 
 
+def precompute_curvature(cfg: TrainConfig, hidden, teacher, student, data, collator, dist_info, logger,
+                         epoch: int) -> float:
+    """Estimate c from the teacher's or the student's outputs on `data` (`delta.sample_output_vectors`, averaged
+    over processes by `trainer_core.fit_curvature`), set it in `hidden`'s hyperbolic layers and return it."""
+    from delta import sample_output_vectors
+    from kdcore.trainer_core import fit_curvature
+
+    c = cfg.curvature
+    model = (teacher if c.side == "teacher" else student).to(dist_info.device)
+    vectors = sample_output_vectors(model, data, collator, c.side, c.n_samples, cfg.data.batch_size, dist_info.device,
+                                    c.seed + epoch, c.delta_vectors)
+    return fit_curvature(hidden, vectors, c, epoch, logger if dist_info.is_master else None, dist_info.device,
+                         dist_info.distributed)
+
+
 def run(a: argparse.Namespace) -> int:
     """Build everything and train, in every process of a torchrun job; returns 0. A process that fails raises and
     leaves the process group joined: `end_process` then exits without a collective tear-down."""
-    validate_args(a)
+    cfg = TrainConfig.from_args(a)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from utils import init_distributed, shutdown_distributed
 
-    dist_info = init_distributed(a.device)
-    train_process(a, dist_info)
+    dist_info = init_distributed(cfg.loop.device)
+    train_process(cfg, dist_info)
     shutdown_distributed(dist_info)  # after train_process returned: its Distiller and DDP module are garbage now
     return 0
 
 
-def train_process(a: argparse.Namespace, dist_info) -> None:
+def train_process(cfg: TrainConfig, dist_info) -> None:
     """This process's share of the run: load, check, build, train, export (rank 0 writes)."""
+    import dataclasses
+
+    import numpy as np
+
     from custom_step import mlm_token_probs
     from distiller import Distiller
+    from kdcore.alignments import Vocabularies
     from kdcore.hidden_projection import curvature_value
     from kdcore.model_io import load_student, load_teacher
     from kdcore.shard_io import open_shards, read_index
     from kdcore.step_runner import StudentRunner
     from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens
+    from kdcore.trainer_core import build_hidden_losses
     from lm_seqs_dataset import Collator, LmSeqsDataset
     from setup_logger import setup_logger
     from utils import git_info, set_seed
 
+    d = cfg.data
     with contextlib.ExitStack() as closing:
-        dump = Path(a.dump_path)
+        dump = cfg.output.dump_path
         logger = setup_logger("train", None, dist_info.rank)
-        set_seed(a.seed + dist_info.rank)
-        s_tok = load_tokenizer(a.student_name, "student")
+        set_seed(cfg.loop.seed + dist_info.rank)
+        s_tok = load_tokenizer(d.student_name, "student")
         fingerprints = {"student": fingerprint(s_tok)}
         t_tok = None
-        if a.teacher_name:
-            t_tok = load_tokenizer(a.teacher_name, "teacher")
+        if d.teacher_name:
+            t_tok = load_tokenizer(d.teacher_name, "teacher")
             fingerprints["teacher"] = fingerprint(t_tok)
-        index = read_index(a.binarized_data_folder)
-        check_fingerprints(index["fingerprints"], fingerprints, a.binarized_data_folder)
-        manifest = read_manifest(Path(a.binarized_data_folder).parent)
+        index = read_index(d.binarized_data_folder)
+        check_fingerprints(index["fingerprints"], fingerprints, d.binarized_data_folder)
+        manifest = read_manifest(Path(d.binarized_data_folder).parent)
         if manifest is not None:
-            check_fingerprints(manifest.get("fingerprints", {}), fingerprints, Path(a.binarized_data_folder).parent)
+            check_fingerprints(manifest.get("fingerprints", {}), fingerprints, Path(d.binarized_data_folder).parent)
         n_student = len(s_tok)
         if index["student_vocab_size"] != n_student:
-            raise UserError(f"{a.binarized_data_folder} holds student ids of a {index['student_vocab_size']}-token "
+            raise UserError(f"{d.binarized_data_folder} holds student ids of a {index['student_vocab_size']}-token "
                             f"vocabulary, the student tokenizer has {n_student}")
         n_teacher = index["teacher_vocab_size"]
-        kl, t2s_input = build_kl_plan(a, n_teacher, n_student, fingerprints)
-        hidden_align = hidden_alignment(a)
-        if hidden_align == "reduce" and t2s_input is None:
-            t2s_input = load_t2s_input(a, n_teacher, n_student, fingerprints)
-        shards = assign_shards(open_shards(a.binarized_data_folder), dist_info.rank, dist_info.world_size)
-        train_data = LmSeqsDataset(shards, a.valid_prop, "train")
-        valid_data = LmSeqsDataset(shards, a.valid_prop, "valid")
-        if kl is not None and kl.align == "match" and not train_data.has_match:
-            raise UserError(f"--align_logits match needs match masks in {a.binarized_data_folder}; run "
-                            "find_matching_ids.py on it")
-        if hidden_align == "match" and a.projection_strategy != "pool_and_project" and not train_data.has_match:
-            raise UserError(f"--align_hiddens match needs match masks in {a.binarized_data_folder}; run "
-                            "find_matching_ids.py on it, or use --align_hiddens reduce")
+        plan = cfg.alignments(Vocabularies(n_teacher, n_student, fingerprints))
+        shards = assign_shards(open_shards(d.binarized_data_folder), dist_info.rank, dist_info.world_size)
+        train_data = LmSeqsDataset(shards, d.valid_prop, "train")
+        valid_data = LmSeqsDataset(shards, d.valid_prop, "valid")
+        if not train_data.has_match:
+            if plan.kl is not None and plan.kl.positions.needs_match_masks:
+                raise UserError(f"--align_logits {plan.kl.name} needs match masks in {d.binarized_data_folder}; run "
+                                "find_matching_ids.py on it")
+            if plan.hidden is not None and plan.hidden.needs_match_masks and cfg.hidden.strategy != "pool_and_project":
+                raise UserError(f"--align_hiddens {plan.hidden.name} needs match masks in {d.binarized_data_folder}; "
+                                "run find_matching_ids.py on it, or use --align_hiddens reduce")
         if len(train_data) == 0:
-            raise UserError(f"no training sequences in {a.binarized_data_folder} for this process")
-        student = load_student(a.student_name, a.student_pretrained_weights)
-        freeze_embeddings(student, a.freeze_pos_embs, a.freeze_token_type_embds)
+            raise UserError(f"no training sequences in {d.binarized_data_folder} for this process")
+        student = load_student(d.student_name, d.student_pretrained_weights)
+        freeze_embeddings(student, d.freeze_pos_embs, d.freeze_token_type_embds)
         if student.config.vocab_size != n_student:
             raise UserError(f"student config vocab_size {student.config.vocab_size} != tokenizer size {n_student}")
-        teacher = load_teacher(a.teacher_name) if a.teacher_name else None
+        teacher = load_teacher(d.teacher_name) if d.teacher_name else None
         if teacher is not None and teacher.config.vocab_size != n_teacher:
             raise UserError(f"teacher vocab_size {teacher.config.vocab_size} != the shards' teacher vocabulary "
                             f"{n_teacher}")
         s_special = {role: s_tok.convert_tokens_to_ids(tok) for role, tok in special_tokens(s_tok).items()}
         token_probs = None
-        if a.alpha_mlm > 0 or (kl is not None and kl.align == "shared"):
-            counts = load_counts(a.student_token_counts, n_student) if a.student_token_counts else np.ones(n_student)
-            token_probs = mlm_token_probs(counts, a.mlm_smoothing, sorted({int(i) for i in s_tok.all_special_ids}))
+        if cfg.losses.alpha_mlm > 0 or (plan.kl is not None and plan.kl.positions.teacher_reads_student_ids):
+            counts = load_counts(d.student_token_counts, n_student) if d.student_token_counts else np.ones(n_student)
+            token_probs = mlm_token_probs(counts, cfg.mlm.smoothing, sorted({int(i) for i in s_tok.all_special_ids}))
         t_pad = t_tok.pad_token_id if t_tok is not None else 0
-        collator = Collator(t_pad, s_special["pad"], t2s_input, n_student)
-        hidden = build_hidden_losses(a, student, teacher, hidden_align, len(train_data) * dist_info.world_size)
-        runner = StudentRunner(student, mlm=a.alpha_mlm > 0, kl=kl, hidden=hidden)
+        collator = Collator(t_pad, s_special["pad"], plan.t2s_input, n_student)
+        hidden = None
+        if cfg.hidden is not None:
+            hidden_cfg = cfg.hidden
+            if cfg.add_neg_size_constant:
+                hidden_cfg = dataclasses.replace(hidden_cfg, noise_prob=1.0 / max(len(train_data) * dist_info.world_size, 1))
+            hidden = build_hidden_losses(hidden_cfg, plan.hidden, teacher.config, student.config)
+        runner = StudentRunner(student, mlm=cfg.losses.alpha_mlm > 0, kl=plan.kl, hidden=hidden)
         curvature_source = valid_data if len(valid_data) else train_data
         writer = None
         if dist_info.is_master:
-            prepare_dump(a)
+            prepare_dump(cfg)
             logger = setup_logger("train", dump / "train.log", dist_info.rank)
             from tensorboardX import SummaryWriter
 
-            tb_root = Path(a.tensorboard_logs_path) if a.tensorboard_logs_path else dump / "tensorboard"
-            writer = closing.enter_context(SummaryWriter(logdir=str(tb_root / a.tensorboard_log_name)))
-            atomic_write_json(dump / "parameters.json", {**vars(a), "world_size": dist_info.world_size,
+            out = cfg.output
+            tb_root = Path(out.tensorboard_logs_path) if out.tensorboard_logs_path else dump / "tensorboard"
+            writer = closing.enter_context(SummaryWriter(logdir=str(tb_root / out.tensorboard_log_name)))
+            atomic_write_json(dump / "parameters.json", {**cfg.to_json(), "world_size": dist_info.world_size,
                                                          "device": str(dist_info.device)})
             atomic_write_json(dump / "git_log.json", git_info(Path(__file__).parent))
             logger.info(f"{dist_info.world_size} process(es) on {dist_info.device}; {len(train_data)} train / "
-                        f"{len(valid_data)} valid sequences per process; KL: {kl.align if kl else 'off'}; "
-                        f"student {sum(p.numel() for p in student.parameters()):,} parameters")
+                        f"{len(valid_data)} valid sequences per process; KL: "
+                        f"{plan.kl.describe() if plan.kl else 'off'}; student "
+                        f"{sum(p.numel() for p in student.parameters()):,} parameters")
+            approximation = plan.kl.approximation() if plan.kl is not None else None
+            if approximation:
+                logger.warning(f"approximation: {approximation}")
             if hidden is not None:
-                logger.info(f"hidden-state losses {', '.join(hidden.cfg.losses)}: align {hidden_align}, "
-                            f"{a.projection_strategy} ({hidden.selector.n_pairs} layer pairs), project to "
-                            f"{a.project_to}; {sum(p.numel() for p in hidden.parameters() if p.requires_grad):,} "
+                logger.info(f"hidden-state losses {', '.join(hidden.cfg.losses)}: align {plan.hidden.name}, "
+                            f"{hidden.cfg.strategy} ({hidden.selector.n_pairs} layer pairs), project to "
+                            f"{hidden.cfg.project_to}; {sum(p.numel() for p in hidden.parameters() if p.requires_grad):,} "
                             f"trainable parameters{'; hyperbolic' if hidden.hyperbolic is not None else ''}")
-        if hidden is not None and hidden.hyperbolic is not None and a.init_c and not a.load_from_checkpoint:
-            precompute_curvature(a, hidden, teacher, student, curvature_source, collator, dist_info, logger, 0)
-        distiller = Distiller(a, dist_info, runner, teacher, train_data, valid_data, collator, token_probs, s_special,
+        curvature = cfg.curvature if hidden is not None and hidden.hyperbolic is not None else None
+        if curvature is not None and curvature.initial and not cfg.output.load_from_checkpoint:
+            precompute_curvature(cfg, hidden, teacher, student, curvature_source, collator, dist_info, logger, 0)
+        distiller = Distiller(cfg, dist_info, runner, teacher, train_data, valid_data, collator, token_probs, s_special,
                               s_tok, logger, writer)
-        if hidden is not None and hidden.hyperbolic is not None and a.adjust_c == "recompute_after_epoch":
-            distiller.epoch_end_hooks.append(lambda d: precompute_curvature(
-                a, hidden, d.teacher, d.runner.student, curvature_source, collator, dist_info, logger, d.state.epoch))
-        if a.load_from_checkpoint:
-            distiller.load_checkpoint(a.load_from_checkpoint)
+        if curvature is not None and curvature.recompute_after_epoch:
+            distiller.epoch_end_hooks.append(lambda dst: precompute_curvature(
+                cfg, hidden, dst.teacher, dst.runner.student, curvature_source, collator, dist_info, logger,
+                dst.state.epoch))
+        if cfg.output.load_from_checkpoint:
+            distiller.load_checkpoint(cfg.output.load_from_checkpoint)
             if dist_info.is_master:
-                logger.info(f"resumed at update {distiller.state.global_step} from {a.load_from_checkpoint}")
+                logger.info(f"resumed at update {distiller.state.global_step} from {cfg.output.load_from_checkpoint}")
         state = distiller.train()
         if dist_info.is_master:
             atomic_write_json(dump / "train_summary.json", {
@@ -514,6 +360,7 @@ def train_process(a: argparse.Namespace, dist_info) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
+
 
 if __name__ == "__main__":
     from utils import run_process

@@ -7,8 +7,8 @@
 
 The step is the trainer's own, built as `bench/train_step.py` builds it (same synthetic vocabularies,
 split maps and texts, same sizes: `demo` = teacher BERT 4 x 256, V_T 30000 -> student DistilBERT 3 x 256,
-V_S 6000; `tiny` = 2 x 64, V_T 2000 -> 2 x 64, V_S 500): train.py's parser and `build_kl_plan`, then
-`train.build_hidden_losses` for the hidden-state module, the `StudentRunner` and the `Distiller`; one update
+V_S 6000; `tiny` = 2 x 64, V_T 2000 -> 2 x 64, V_S 500): train.py's parser, `TrainConfig` and its alignment factory, then
+`trainer_core.build_hidden_losses` for the hidden-state module, the `StudentRunner` and the `Distiller`; one update
 = collate, teacher pass (with hidden states when a hidden loss is on), student passes and losses under
 autocast, backward, clipping + AdamW. Every configuration trains 5 * match KL (T 2) + 2 * MLM, as
 bench/train_step.py; the hidden-state terms use the settings of the paper's scripts:
@@ -57,21 +57,22 @@ torch = ts.torch
 np = ts.np
 
 CONFIGS = {
-    "kl": {},
-    "kl+mse": {"alpha_mse": 0.1},
-    "kl+cos": {"alpha_cos": 0.1},
-    "kl+contrastive": {"alpha_contrastive": 0.1, "n_negative_samples": 64},
-    "kl+contrastive_all": {"alpha_contrastive": 0.1, "n_negative_samples": -1},
-    "kl+hyperbolic": {"alpha_contrastive": 0.1, "n_negative_samples": 32, "project_to": "student",
-                      "hidden_distil_type": "hyperbolic", "c": 1.0, "use_hyperbolic_projections": True},
-    "kl+mse/reduce": {"alpha_mse": 0.1, "align_hiddens": "reduce"},
+    "kl": [],
+    "kl+mse": ["--alpha_mse", "0.1"],
+    "kl+cos": ["--alpha_cos", "0.1"],
+    "kl+contrastive": ["--alpha_contrastive", "0.1", "--n_negative_samples", "64"],
+    "kl+contrastive_all": ["--alpha_contrastive", "0.1", "--n_negative_samples", "-1"],
+    "kl+hyperbolic": ["--alpha_contrastive", "0.1", "--n_negative_samples", "32", "--project_to", "student",
+                      "hyperbolic", "--c", "1.0", "--use_hyperbolic_projections"],
+    "kl+mse/reduce": ["--alpha_mse", "0.1", "--align_hiddens", "reduce"],
 }
+"""train.py arguments of each configuration (added to the match-KL step)."""
 DEFAULT_CONFIGS = ("kl", "kl+mse", "kl+cos", "kl+contrastive", "kl+hyperbolic", "kl+mse/reduce")
 
 
 def measure(cfg: dict) -> dict:
     """Build the data, models and step of one configuration and time it (in the calling process)."""
-    from train import build_hidden_losses, hidden_alignment, load_t2s_input
+    from kdcore.trainer_core import build_hidden_losses
 
     torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
@@ -83,22 +84,19 @@ def measure(cfg: dict) -> dict:
                                       cfg["seq_len"], rng)
     with tempfile.TemporaryDirectory(prefix="bench_hidden_") as tmp:
         paths = {"dir": tmp, **ts.write_artifacts(voc, Path(tmp), cfg["seed"])}
-        args = ts.trainer_args(cfg["precision"], "match", paths, cfg["seed"], cfg["batch_size"], cfg["device"])
-        args.t2s_mapping = paths["teacher2student.json"]
-        for key, value in CONFIGS[cfg["config"]].items():
-            setattr(args, key, value)
-        kl, t2s_input = ts.build_kl_plan(args, size.teacher_vocab, size.student_vocab, {})
-        align = hidden_alignment(args)
-        if align == "reduce":
-            t2s_input = load_t2s_input(args, size.teacher_vocab, size.student_vocab, {})
+        tcfg = ts.trainer_config(cfg["precision"], "match", paths, cfg["seed"], cfg["batch_size"], cfg["device"],
+                                 extra=CONFIGS[cfg["config"]])
+        plan = tcfg.alignments(ts.VocabSizes(size.teacher_vocab, size.student_vocab, {}))
     counts = np.bincount(np.concatenate([q[1] for q in pool.seqs]), minlength=size.student_vocab)
-    token_probs = ts.mlm_token_probs(counts, args.mlm_smoothing, list(range(len(ts.SPECIAL_TOKENS))))
-    collator = ts.Collator(ts.PAD, ts.PAD, t2s_input, size.student_vocab)
+    token_probs = ts.mlm_token_probs(counts, tcfg.mlm.smoothing, list(range(len(ts.SPECIAL_TOKENS))))
+    collator = ts.Collator(ts.PAD, ts.PAD, plan.t2s_input, size.student_vocab)
     stats = ts.pool_stats(collator, pool, batches)
     teacher, student = ts.build_models(size, max(MAX_LEN, stats["max_len"]), True)
-    hidden = build_hidden_losses(args, student, teacher, align, len(pool))
-    runner = ts.StudentRunner(student, mlm=True, kl=kl, hidden=hidden)
-    distiller = ts.make_distiller(args, device, runner, teacher, pool, collator, token_probs)
+    hidden = None
+    if tcfg.hidden is not None:
+        hidden = build_hidden_losses(tcfg.hidden, plan.hidden, teacher.config, student.config)
+    runner = ts.StudentRunner(student, mlm=True, kl=plan.kl, hidden=hidden)
+    distiller = ts.make_distiller(tcfg, device, runner, teacher, pool, collator, token_probs)
 
     def step(index: int) -> int:
         return ts.train_step(distiller, pool, batches[index % len(batches)])

@@ -318,13 +318,13 @@ def run_ours(cfg: dict) -> dict:
         self.runner.eval()
         with torch.no_grad():
             rec["check"] = loss_values(*self._losses(batch, torch.Generator().set_state(state)))
-            amp, self.amp_dtype = self.amp_dtype, None
+            precision, self.precision = self.precision, "fp32"
             self.runner.double(), self.teacher.double()
             try:
                 rec["check_fp64"] = loss_values(*self._losses(batch, torch.Generator().set_state(state)))
             finally:
                 self.runner.float(), self.teacher.float()
-                self.amp_dtype = amp
+                self.precision = precision
         self.runner.train()
         np.savez(cfg["check_file"], s_ids=batch["s_ids"].cpu().numpy(), s_mask=batch["s_mask"].cpu().numpy(),
                  masked=masked.cpu().numpy(), labels=labels.cpu().numpy(), indices=np.asarray(first))

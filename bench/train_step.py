@@ -14,7 +14,7 @@ logsumexp of their pieces by default (`--sum_probs`, as the paper's reduce-map r
 sum` by the sum. Every KL configuration trains 5 * KL + 2 * MLM (DistilBERT's weights).
 
 The step is the trainer's own, nothing of it is re-implemented: the arguments come from train.py's parser,
-`train.build_kl_plan` builds the KL plan from artifact files, the `Distiller` is built by its own
+`TrainConfig` and its alignment factory build the KL alignment from artifact files, the `Distiller` is built by its own
 constructor (on an in-memory stand-in for `LmSeqsDataset`), and one update runs what `Distiller.train` runs
 with gradient accumulation 1: `_batch` (the real `Collator` on a `RawBatch`, then the copy to the device),
 `_losses` (MLM masking, the teacher's and the student's passes under autocast), backward, the loss check and
@@ -108,15 +108,19 @@ from bench._common import (  # noqa: E402
     write_report,
 )
 from custom_step import mlm_token_probs  # noqa: E402
-from distiller import PRECISIONS, Distiller  # noqa: E402
+from distiller import Distiller  # noqa: E402
+from kdcore.alignments import Vocabularies as VocabSizes  # noqa: E402
+from kdcore.alignments import required_artifacts  # noqa: E402
+from kdcore.artifacts import ARTIFACT_FLAGS  # noqa: E402
+from kdcore.config import TrainConfig  # noqa: E402
 from kdcore.errors import UserError  # noqa: E402
 from kdcore.step_runner import StudentRunner  # noqa: E402
 from kdcore.tokenizer_utils import MAX_LEN  # noqa: E402
+from kdcore.trainer_core import PRECISIONS  # noqa: E402
 from lm_seqs_dataset import Collator, RawBatch  # noqa: E402
 from matched_vocab import matched_tokens  # noqa: E402
 from student2teacher import invert  # noqa: E402
 from teacher_tokens_split import pad_splits  # noqa: E402
-from train import build_kl_plan  # noqa: E402
 from utils import DistInfo, choose_device  # noqa: E402
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in both vocabularies
@@ -297,39 +301,37 @@ def synthetic_pool(voc: Vocabularies, n_batches: int, batch_size: int, seq_len: 
 # ------------------------------------------------------------------------------------------ the step
 
 
-def trainer_args(precision: str, config: str, paths: dict[str, str], seed: int, batch_size: int, device: str,
-                 sum_probs: bool = False) -> argparse.Namespace:
-    """train.py's arguments for the configuration, parsed by train.py's own parser (so every option the
-    Distiller reads has its default); the directories it names are never opened."""
+def trainer_config(precision: str, config: str, paths: dict[str, str], seed: int, batch_size: int, device: str,
+                   sum_probs: bool = False, extra: list[str] | None = None) -> TrainConfig:
+    """The trainer's typed configuration for the configuration: train.py's own parser (so every option the
+    Distiller reads has its default) and `TrainConfig.from_namespace` (the directories it names are never opened).
+    `reduce_map/<impl>` may name any implementation of `custom_step.REDUCE_MAP_IMPLS` (the command line offers
+    the exact ones only). `extra`: more train.py arguments."""
+    import dataclasses
+
     from train import build_parser
 
     align, _, impl = config.partition("/")
     argv = ["--dump_path", paths["dir"], "--binarized_data_folder", paths["dir"], "--student_name", paths["dir"],
             "--precision", precision, "--device", device, "--seed", str(seed), "--batch_size", str(batch_size),
             "--gradient_accumulation_steps", "1", "--warmup_prop", "0", "--alpha_mlm", str(ALPHA_MLM)]
-    if config != "mlm":
-        argv += ["--alpha_ce", str(ALPHA_CE), "--temperature", str(TEMPERATURE),
-                 "--align_logits", "match" if align == "match" else "reduce"]
-    if align in ("match", "reduce"):
-        argv += ["--matching_ids", paths["matched_vocab.json"]]
-    if align in ("reduce", "reduce_map"):
-        argv += ["--t2s_mapping", paths["teacher2student.json"]]
-    if align == "reduce_map":
-        argv += ["--t2s_vocab_padded", paths["t2s_padded.npy"], "--t2s_mapped_ids", paths["t2s_mapped_ids.npy"],
-                 "--reduce_map_impl", impl] + (["--sum_probs"] if sum_probs else [])
-        if impl.startswith("my_index"):
-            argv += ["--s2t_vocab_padded", paths["s2t_padded.npy"], "--s2t_idxs_padded", paths["s2t_idxs_padded.npy"]]
-    args = build_parser().parse_args(argv)
-    args.shared_vocab = False  # what train.validate_args finds for two different vocabularies
-    return args
+    kl = config != "mlm"
+    if kl:
+        argv += ["--alpha_ce", str(ALPHA_CE), "--temperature", str(TEMPERATURE), "--align_logits", align]
+        argv += ["--sum_probs"] if sum_probs else []
+    cfg = TrainConfig.from_namespace(build_parser().parse_args([*argv, *(extra or [])]))
+    alignment = dataclasses.replace(cfg.alignment, reduce_map_impl=impl or "sparse")
+    needed = required_artifacts(alignment, kl, cfg.losses.hidden, False)  # the files the alignments read
+    alignment = dataclasses.replace(alignment, **{flag: paths[ARTIFACT_FLAGS[flag].file] for flag in needed})
+    return dataclasses.replace(cfg, alignment=alignment)
 
 
-def make_distiller(args: argparse.Namespace, device: torch.device, runner: StudentRunner, teacher,
+def make_distiller(cfg: TrainConfig, device: torch.device, runner: StudentRunner, teacher,
                    pool: SequencePool, collator: Collator, token_probs: torch.Tensor | None) -> Distiller:
     """The trainer's `Distiller`, built by its own constructor on the in-memory pool (single process)."""
     special = {"pad": PAD, "unk": UNK, "cls": CLS, "sep": SEP, "mask": MASK}
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend=None)
-    return Distiller(args, info, runner, teacher, pool, pool, collator, token_probs, special, None,
+    return Distiller(cfg, info, runner, teacher, pool, pool, collator, token_probs, special, None,
                      logging.getLogger("bench.train_step"))
 
 
@@ -522,16 +524,17 @@ def measure_config(cfg: dict) -> dict:
     pool, batches = synthetic_pool(voc, n_batches, cfg["batch_size"], cfg["seq_len"], rng)
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
         paths = {"dir": tmp, **write_artifacts(voc, Path(tmp), cfg["seed"])}
-        args = trainer_args(cfg["precision"], cfg["config"], paths, cfg["seed"], cfg["batch_size"], cfg["device"],
-                            cfg["reduce_map_mode"] == "logsumexp")
-        kl, t2s_input = build_kl_plan(args, size.teacher_vocab, size.student_vocab, {})
+        tcfg = trainer_config(cfg["precision"], cfg["config"], paths, cfg["seed"], cfg["batch_size"], cfg["device"],
+                              cfg["reduce_map_mode"] == "logsumexp")
+        plan = tcfg.alignments(VocabSizes(size.teacher_vocab, size.student_vocab, {}))
+    kl = plan.kl
     counts = np.bincount(np.concatenate([q[1] for q in pool.seqs]), minlength=size.student_vocab)
-    token_probs = mlm_token_probs(counts, args.mlm_smoothing, list(range(len(SPECIAL_TOKENS))))
-    collator = Collator(PAD, PAD, t2s_input, size.student_vocab)
+    token_probs = mlm_token_probs(counts, tcfg.mlm.smoothing, list(range(len(SPECIAL_TOKENS))))
+    collator = Collator(PAD, PAD, plan.t2s_input, size.student_vocab)
     stats = pool_stats(collator, pool, batches)
     teacher, student = build_models(size, max(MAX_LEN, stats["max_len"]), kl is not None)
-    runner = StudentRunner(student, mlm=args.alpha_mlm > 0, kl=kl)
-    distiller = make_distiller(args, device, runner, teacher, pool, collator, token_probs)
+    runner = StudentRunner(student, mlm=tcfg.losses.alpha_mlm > 0, kl=kl)
+    distiller = make_distiller(tcfg, device, runner, teacher, pool, collator, token_probs)
     setup_s = time.perf_counter() - t_setup
 
     def step(i: int) -> int:
@@ -557,7 +560,7 @@ def measure_config(cfg: dict) -> dict:
     result = {"tokens_per_s": tokens / sum(times), "step_s": step_s, "step_s_all": times,
               "student_tokens_per_step": tokens / len(times), "peak_mib": m["peak"] / 2**20,
               "resident_before_mib": m["resident"] / 2**20, "peak_method": m["method"], "setup_s": setup_s,
-              "reduce_map_impl": kl.impl if kl is not None and kl.align == "reduce_map" else None, **stats, **flop}
+              "reduce_map_impl": getattr(kl, "impl", None), **stats, **flop}
     result["teacher_tokens_per_s"] = stats["teacher_tokens"] / stats["student_tokens"] * result["tokens_per_s"]
     if flop:
         result["achieved_flop_per_s"] = flop["flop_per_step"] / step_s

@@ -119,7 +119,8 @@ def _add_distil(sub) -> None:
                    help="negatives from the student's rows, the teacher's, or both")
     g.add_argument("--teacher_student_prop", type=float, default=0.5,
                    help="teacher_and_student: share of the negatives taken from the teacher")
-    g.add_argument("--contrastive_temperature", type=float, default=1.0, help="temperature of the InfoNCE loss")
+    g.add_argument("--contrastive_temperature", type=float,
+                   help="temperature of the InfoNCE loss (default: --temperature, as train.py)")
     g.add_argument("--from_one_sample", action="store_true", help="negatives only from the anchor's own example")
     g.add_argument("--add_neg_size_constant", action="store_true",
                    help="add the NCE noise term K / (training examples) to the InfoNCE denominator")

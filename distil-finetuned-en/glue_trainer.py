@@ -1,11 +1,13 @@
 """The GLUE training loop shared by `train_single` and `distil_teacher`: batches, gradient accumulation,
-AdamW, the learning-rate schedule, validation on the dev set(s), early stopping, best-model keeping,
-TensorBoard scalars. What the loss is comes from `glue_objective.Objective`.
+validation on the dev set(s), early stopping, best-model keeping, TensorBoard scalars. What the loss is comes
+from `glue_objective.Objective`; precision, AdamW and its step and the learning-rate schedule are the trainer
+core's (`kdcore/trainer_core.py`, shared with `train.py`).
 
-Schedule: lr = base_lr x warm-up (linear from 0 over the first `warmup_prop` of the planned updates)
-x decay (`linear`: down to 0 at the last planned update; `plateau`: 1) x drop factor. The drop factor is
-divided by `lr_drop_div` after `lr_drop_patience` validations without a new best score (never below
-`min_lr`). Training stops after `valid_patience` validations without a new best (0: never). Validation
+Schedule (`trainer_core.LrSchedule`): lr = base_lr x warm-up (linear over the first `warmup_prop` of the planned
+updates) x decay (`linear`: down to 0 at the last planned update; `plateau`: 1) x drop factor. The drop factor is
+divided by `lr_drop_div` after `lr_drop_patience` validations without a new best score (never below `min_lr`; a
+`trainer_core.PlateauScaler` in mode "max"). Training stops after `valid_patience` validations without a new best
+(0: never). Validation
 runs every `log_after_n_steps` updates, after every epoch with `log_after_epoch`, and always after the last
 update; the best model (highest selection score on the primary dev split) is handed to `on_best` and
 restored into the model when training ends.
@@ -17,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,9 +32,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kdcore.errors import UserError
-from utils import adamw
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from kdcore.trainer_core import (
+    LrSchedule,
+    PlateauScaler,
+    autocast,
+    build_optimizer,
+    grad_scaler,
+    optimizer_step,
+)
 
 
 @dataclass
@@ -74,11 +80,6 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 @torch.no_grad()
 def predict(model: nn.Module, data: EncodedSplit, collator: Collator, batch_size: int, device: torch.device,
             precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
@@ -103,44 +104,15 @@ def evaluate(spec: TaskSpec, model: nn.Module, data: EncodedSplit, collator: Col
     return compute_metrics(spec, predictions(spec, logits), labels)
 
 
-class LrSchedule:
-    """Warm-up, optional linear decay and drops on plateaus (see the module docstring)."""
-
-    def __init__(self, cfg: TrainConfig, total_steps: int):
-        self.cfg, self.total = cfg, max(1, total_steps)
-        self.warmup = int(cfg.warmup_prop * self.total)
-        self.drop, self.bad_since_drop = 1.0, 0
-
-    def lr(self, step: int) -> float:
-        """Learning rate of update number `step` (0-based)."""
-        factor = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
-        if self.cfg.schedule == "linear":
-            factor *= max(0.0, (self.total - step) / max(1, self.total - self.warmup)) if step >= self.warmup else 1.0
-        return self.cfg.lr * factor * self.drop
-
-    def on_validation(self, improved: bool) -> bool:
-        """Count a validation; returns True when the learning rate was divided."""
-        if improved or self.cfg.lr_drop_patience <= 0:
-            self.bad_since_drop = 0
-            return False
-        self.bad_since_drop += 1
-        if self.bad_since_drop < self.cfg.lr_drop_patience:
-            return False
-        self.bad_since_drop = 0
-        floor = self.cfg.min_lr / self.cfg.lr
-        new = max(self.drop / self.cfg.lr_drop_div, floor)
-        dropped = new < self.drop
-        self.drop = new
-        return dropped
-
-
-def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (fused where `utils.adamw` can); no weight decay on biases, norms and scalars (parameters with
-    fewer than 2 dimensions)."""
-    decay = [p for _, p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for _, p in params if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return adamw([g for g in groups if g["params"]], lr=cfg.lr, eps=cfg.adam_epsilon)
+def lr_schedule(cfg: TrainConfig, total_steps: int) -> LrSchedule:
+    """The trainer core's schedule for the GLUE options: linear decay or plateau drops (by `lr_drop_div` after
+    `lr_drop_patience` validations without a new best score, never below `min_lr`)."""
+    plateau = None
+    if cfg.schedule == "plateau" and cfg.lr_drop_patience > 0:
+        plateau = PlateauScaler(cfg.lr, factor=1 / cfg.lr_drop_div, patience=cfg.lr_drop_patience - 1, cooldown=0,
+                                threshold=0.0, min_lr=cfg.min_lr, mode="max")
+    return LrSchedule(cfg.lr, total_steps, cfg.warmup_prop, "linear" if cfg.schedule == "linear" else "constant",
+                      plateau)
 
 
 class GlueTrainer:
@@ -164,11 +136,11 @@ class GlueTrainer:
         self.updates_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
         total = self.updates_per_epoch * cfg.n_epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-        self.schedule = LrSchedule(cfg, self.total_steps)
+        self.schedule = lr_schedule(cfg, self.total_steps)
         params = list(model.named_parameters()) + list(objective.named_parameters())
         self.params = [p for _, p in params if p.requires_grad]
-        self.optimizer = build_optimizer(params, cfg)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.optimizer = build_optimizer(params, cfg.lr, cfg.weight_decay, cfg.adam_epsilon)
+        self.scaler = grad_scaler(device, cfg.precision)
         self.result = TrainResult()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad_validations = 0
@@ -190,16 +162,10 @@ class GlueTrainer:
             sums[name] = sums.get(name, 0.0) + value
 
     def _optimizer_step(self) -> float:
-        lr = self.schedule.lr(self.result.global_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.apply(self.optimizer, self.result.global_step)
+        grad_norm = optimizer_step(self.optimizer, self.scaler, self.params, self.cfg.max_grad_norm)
         self.result.global_step += 1
-        return float(grad_norm)
+        return grad_norm
 
     def _log_update(self, sums: dict[str, torch.Tensor], n_micro: int, grad_norm: float, lr: float) -> float:
         step = self.result.global_step
@@ -291,7 +257,7 @@ class GlueTrainer:
                 self.on_best(self.model)
         else:
             self.bad_validations += 1
-        if self.schedule.on_validation(improved):
+        if self.schedule.on_validation(score):
             self.logger.info(f"no improvement for {self.cfg.lr_drop_patience} validations: lr divided by "
                              f"{self.cfg.lr_drop_div} to {self.schedule.lr(step):.3g}")
         if self.cfg.valid_patience > 0 and self.bad_validations >= self.cfg.valid_patience:

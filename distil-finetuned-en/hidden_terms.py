@@ -1,15 +1,15 @@
 """Hidden-state distillation terms of `distil_teacher` (MSE, cosine, contrastive, hyperbolic contrastive).
 
-The losses are the shared ones: `hidden_projection.HiddenLosses` (layer strategies, projections, the
-hyperbolic head) over the pure functions of `custom_step.py`, with the Poincare-ball maths of `hyptorch/`;
-nothing is re-implemented here. In the GLUE setting teacher and student read the same ids (one tokenizer),
-so the rows are aligned one to one: every real position of every example ("shared" alignment), or one row
-per example with `--projection_strategy pool_and_project`.
+The losses are the shared ones, built by the trainer core (`kdcore.trainer_core.hidden_config` and
+`build_hidden_losses`: `hidden_projection.HiddenLosses` over the pure functions of `custom_step.py`, with the
+Poincare-ball maths of `hyptorch/`); nothing is re-implemented here. In the GLUE setting teacher and student read
+the same ids (one tokenizer), so the rows pair one to one (`kdcore.alignments.SharedPositions`): every real
+position of every example, or one row per example with `--projection_strategy pool_and_project`.
 
 Curvature (`hyperbolic` sub-command): fixed `--c`, trainable through one side's exponential map
 (`--adjust_c train_exp_map_teacher|student`), estimated before training from the teacher's or the
 student's outputs on the dev set (`--init_c precompute_from_teacher|student`: Gromov delta of
-`--n_samples_to_precompute_c` vectors after PCA, `hyptorch.delta.estimate_curvature`), and re-estimated
+`--n_samples_to_precompute_c` vectors after PCA, `kdcore.trainer_core.fit_curvature`), and re-estimated
 after every epoch with `--adjust_c recompute_after_epoch`. The vectors (`--delta_vectors`) are the last
 hidden states at random real positions (default) or the classifier logits of random examples.
 """
@@ -23,9 +23,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdcore.alignments import SharedPositions
 from kdcore.errors import UserError
-
-TERMS = ("mse", "cos", "contrastive")
+from kdcore.trainer_core import (
+    CurvatureConfig,
+    build_hidden_losses,
+    fit_curvature,
+    hidden_config,
+    hidden_weights,
+)
 
 
 class HiddenTerms(nn.Module):
@@ -43,11 +49,6 @@ class HiddenTerms(nn.Module):
         return {name.removeprefix("loss_"): value for name, value in out.items()}
 
 
-def alphas(a: argparse.Namespace) -> dict[str, float]:
-    """The weights of the enabled hidden-state terms."""
-    return {name: getattr(a, f"alpha_{name}") for name in TERMS if getattr(a, f"alpha_{name}", 0.0) > 0}
-
-
 def validate(a: argparse.Namespace) -> None:
     """One-line errors for inconsistent hidden-state and hyperbolic options."""
     from kdcore.hidden_args import validate_hidden_losses
@@ -55,36 +56,18 @@ def validate(a: argparse.Namespace) -> None:
     hyperbolic = a.hidden_distil_type == "hyperbolic"
     if hyperbolic and a.alpha_contrastive <= 0:
         raise UserError("hyperbolic is the hyperbolic variant of the contrastive loss: set --alpha_contrastive > 0")
-    if not alphas(a):
+    if not hidden_weights(a):
         return
     validate_hidden_losses(a, row="example")
 
 
 def build_hidden_terms(a: argparse.Namespace, teacher_config, student_config, n_train: int) -> HiddenTerms | None:
-    """The hidden-state terms for the arguments (None when none is asked for)."""
-    weights = alphas(a)
-    if not weights:
+    """The hidden-state terms for the arguments (None when none is asked for): the trainer core's builders, with
+    shared positions (teacher and student read the same ids)."""
+    cfg = hidden_config(a, n_train)
+    if cfg is None:
         return None
-    from kdcore.hidden_projection import HiddenConfig, HiddenLosses, HyperbolicConfig, parse_layer_ids
-
-    hyperbolic = None
-    if a.hidden_distil_type == "hyperbolic":
-        hyperbolic = HyperbolicConfig(c=a.c, adjust_c=a.adjust_c, riemannian=a.riemannian, train_x=a.train_x,
-                                      use_hyperbolic_projections=a.use_hyperbolic_projections, use_bias=a.use_bias)
-    cfg = HiddenConfig(
-        losses=tuple(weights), align="shared", strategy=a.projection_strategy,
-        layer_ids=parse_layer_ids(a.t_s_layers_ids) if a.projection_strategy == "select_by_ids" else None,
-        project_to=a.project_to, intermediate_dim=a.intermediate_dim, train_projections=a.train_projections,
-        train_weights=a.train_weights, n_negatives=a.n_negative_samples,
-        negative_strategy=a.negative_sampling_strategy, teacher_student_prop=a.teacher_student_prop,
-        temperature=a.contrastive_temperature, from_one_sample=a.from_one_sample,
-        noise_prob=1.0 / max(n_train, 1) if a.add_neg_size_constant else 0.0, hyperbolic=hyperbolic)
-    t, s = teacher_config, student_config
-    try:
-        losses = HiddenLosses(cfg, t.num_hidden_layers, s.num_hidden_layers, t.hidden_size, s.hidden_size)
-    except ValueError as err:
-        raise UserError(f"{err} (teacher {t.num_hidden_layers} layers, student {s.num_hidden_layers})") from None
-    return HiddenTerms(losses, weights)
+    return HiddenTerms(build_hidden_losses(cfg, SharedPositions(), teacher_config, student_config), hidden_weights(a))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -112,24 +95,9 @@ def sample_vectors(model: nn.Module, data, collator, n_samples: int, batch_size:
 
 def estimate_curvature(a: argparse.Namespace, hidden: HiddenTerms, teacher: nn.Module, student: nn.Module, data,
                        collator, device: torch.device, logger: logging.Logger, epoch: int = 0) -> float:
-    """Estimate c from the teacher's (--init_c precompute_from_teacher) or else the student's outputs on
-    `data`, set it in the hyperbolic layers of `hidden` and return it."""
-    from hyptorch.delta import estimate_curvature as from_vectors
-
-    side = "teacher" if a.init_c == "precompute_from_teacher" else "student"
-    model = teacher if side == "teacher" else student
-    x = sample_vectors(model, data, collator, a.n_samples_to_precompute_c, a.batch_size, device, a.seed + epoch,
-                       a.delta_vectors)
-    if x.shape[0] < 2:
-        raise UserError(f"only {x.shape[0]} output vectors to estimate the curvature from; it needs at least 2")
-    try:
-        c, details = from_vectors(x, n_components=a.n_components, n_tries=a.n_tries,
-                                  n_samples=a.n_samples_to_precompute_c, seed=a.seed + epoch)
-    except ValueError as err:
-        raise UserError(f"cannot estimate the curvature from the {side}'s {a.delta_vectors} vectors: {err}") from None
-    hidden.losses.hyperbolic.set_curvature(c)
-    logger.info(f"curvature c = {c:.6g} from {x.shape[0]} {side} {a.delta_vectors} vectors (relative delta "
-                f"{np.mean(details['delta_rel']):.4g}, PCA {details['n_components']} components)"
-                f"{f' after epoch {epoch}' if epoch else ''}")
-    return c
-
+    """Estimate c from the teacher's (--init_c precompute_from_teacher) or else the student's outputs on `data`
+    (`sample_vectors`), set it in the hyperbolic layers of `hidden` and return it (`trainer_core.fit_curvature`)."""
+    cfg = CurvatureConfig.from_args(a)
+    model = teacher if cfg.side == "teacher" else student
+    x = sample_vectors(model, data, collator, cfg.n_samples, a.batch_size, device, cfg.seed + epoch, cfg.delta_vectors)
+    return fit_curvature(hidden.losses, x, cfg, epoch, logger)

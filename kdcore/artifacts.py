@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,34 @@ import numpy as np
 from kdcore.errors import UserError
 
 MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A pipeline output that a trainer flag names: its path in the pipeline directory and the step that makes it."""
+
+    file: str
+    step: int
+    step_name: str
+
+
+DATA_FLAGS = {
+    "binarized_data_folder": Artifact("processed_binarized", 5, "regroup_binarized"),
+    "student_name": Artifact("student", 1, "train_reduced_tok"),
+    "student_pretrained_weights": Artifact("student_init", 8, "init_weights"),
+    "student_token_counts": Artifact("student_counts.npy", 6, "token_counts"),
+}
+"""Trainer flags for the data and the student, as `run_pipeline.py` lays them out."""
+
+ARTIFACT_FLAGS = {
+    "matching_ids": Artifact("matched_vocab.json", 10, "matched_vocab"),
+    "t2s_mapping": Artifact("teacher2student.json", 2, "teacher_tokens_split"),
+    "t2s_vocab_padded": Artifact("t2s_padded.npy", 2, "teacher_tokens_split"),
+    "t2s_mapped_ids": Artifact("t2s_mapped_ids.npy", 2, "teacher_tokens_split"),
+    "s2t_vocab_padded": Artifact("s2t_padded.npy", 7, "student2teacher"),
+    "s2t_idxs_padded": Artifact("s2t_idxs_padded.npy", 7, "student2teacher"),
+}
+"""Trainer flags for the alignment artifacts (each alignment declares which of them it reads)."""
 
 
 def _fix(path: Path) -> str:
@@ -118,6 +147,22 @@ def load_teacher2student(path: str | os.PathLike) -> dict:
     if not isinstance(data.get("splits"), list) or len(data["splits"]) != data.get("teacher_vocab_size"):
         raise UserError(f"teacher->student map {path} has no split per teacher token; {_fix(path)}")
     return data
+
+
+def load_t2s_input(path: str | os.PathLike, teacher_vocab_size: int, student_vocab_size: int,
+                   fingerprints: dict[str, str]) -> np.ndarray:
+    """int64 [V_T, S] splits of every teacher token (pad = V_S) from `teacher2student.json`: the collator's t2s
+    input (the student's pass over the teacher's tokens re-expressed by their pieces)."""
+    meta = load_teacher2student(path)
+    check_fingerprints(meta["fingerprints"], fingerprints, path)
+    if (meta["teacher_vocab_size"], meta["student_vocab_size"]) != (teacher_vocab_size, student_vocab_size):
+        raise UserError(f"{path} maps {meta['teacher_vocab_size']} -> {meta['student_vocab_size']} tokens, the "
+                        f"tokenizers have {teacher_vocab_size} -> {student_vocab_size}; rebuild it with the pipeline")
+    width = max(1, max(len(s) for s in meta["splits"]))
+    t2s_input = np.full((teacher_vocab_size, width), student_vocab_size, dtype=np.int64)
+    for v, split in enumerate(meta["splits"]):
+        t2s_input[v, :len(split)] = split
+    return t2s_input
 
 
 def check_fingerprints(found: dict[str, str], expected: dict[str, str], source: str | os.PathLike) -> None:

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from custom_step import HIDDEN_LOSSES, contrastive_loss, masked_mean_pool, reduce_pool
+from custom_step import HIDDEN_LOSSES, contrastive_loss, masked_mean_pool
 from hyptorch.nn import HyperbolicDistanceLayer, HypLinear, ToPoincare
+from kdcore.alignments import Positions, row_sequences
 from kdcore.errors import UserError
 
 PROJECTION_STRATEGIES = ("last", "skip", "average", "average_by_layers", "weighted_average_by_layers",
@@ -348,25 +349,21 @@ class HyperbolicHead(nn.Module):
 
 @dataclass
 class HiddenConfig:
-    """What the hidden-state terms compute (built from the command line by `train.py`).
+    """What the hidden-state terms compute (built from the command line by `kdcore.trainer_core`).
 
-    losses: the enabled terms among "mse", "cos", "contrastive"; align: "match" (matched positions of the
-    student's own run), "reduce" (student run on the t2s input, pieces pooled onto teacher positions with
-    `pooling` "sum" or "mean") or "shared" (one vocabulary: the teacher reads the student's masked ids and
-    every real position pairs). Contrastive options as in `custom_step.contrastive_loss`; `noise_prob` > 0
-    adds the NCE noise term (`--add_neg_size_constant`). `hyperbolic`: the contrastive similarity is the
-    negative Poincare distance (None: cosine).
+    losses: the enabled terms among "mse", "cos", "contrastive". Contrastive options as in
+    `custom_step.contrastive_loss`; `noise_prob` > 0 adds the NCE noise term (`--add_neg_size_constant`).
+    `hyperbolic`: the contrastive similarity is the negative Poincare distance (None: cosine). Which rows pair is
+    the `kdcore.alignments.Positions` object given to `HiddenLosses`.
     """
 
     losses: tuple[str, ...]
-    align: str = "match"
     strategy: str = "average_by_layers"
     layer_ids: list[tuple[int, int]] | None = None
     project_to: str = "teacher"
     intermediate_dim: int | None = None
     train_projections: bool = True
     train_weights: bool = True
-    pooling: str = "sum"
     n_negatives: int = -1
     negative_strategy: str = "student"
     teacher_student_prop: float = 0.5
@@ -391,27 +388,23 @@ class AlignedRows:
     extra_student_seq: Tensor | None = None
 
 
-def _row_sequences(mask: Tensor) -> Tensor:
-    """int64 [mask.sum()]: the batch row of every True of mask [B, L], in row-major order."""
-    return torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-
-
 class HiddenLosses(nn.Module):
     """The hidden-state terms of a step: `forward(batch, teacher_states, student_states)` returns
     {"loss_mse", "loss_cos", "loss_contrastive"} (the enabled ones), each the mean over layer pairs.
 
-    teacher_states: the teacher's hidden states (tuple of L_T + 1 tensors [B, Lt, D_T], no gradient);
-    student_states: the student's (L_S + 1 tensors [B, Ls, D_S] from its own run for align "match",
-    [B, L2, D_S] from the t2s run for "reduce"). Batch keys as `lm_seqs_dataset.Collator` makes them.
-    Rows: "match" pairs the i-th matched teacher position with the i-th matched student position (row-major,
-    as the match KL); "reduce" pairs every real teacher position with the pooled pieces of its t2s split;
-    `pool_and_project` one row per sequence. Only the states that the strategy reads are selected.
+    positions: a `kdcore.alignments.Positions` (match, reduce or shared) saying which rows pair and from which
+    student pass the student states come. teacher_states: the teacher's hidden states (tuple of L_T + 1 tensors
+    [B, Lt, D_T], no gradient); student_states: the student's (L_S + 1 tensors [B, L, D_S] of that pass). Batch keys
+    as `lm_seqs_dataset.Collator` makes them. Token-level rows pair as the positions say (match: the i-th matched
+    teacher position with the i-th matched student position; reduce: every real teacher position with the pooled
+    pieces of its split; shared: every real position); `pool_and_project` makes one row per sequence of every real
+    position on each side. Only the states that the strategy reads are selected.
     """
 
-    def __init__(self, cfg: HiddenConfig, n_teacher_layers: int, n_student_layers: int, d_teacher: int,
-                 d_student: int):
+    def __init__(self, cfg: HiddenConfig, positions: Positions, n_teacher_layers: int, n_student_layers: int,
+                 d_teacher: int, d_student: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.positions = cfg, positions
         self.selector = LayerSelector(cfg.strategy, n_teacher_layers, n_student_layers, cfg.layer_ids,
                                       cfg.train_weights)
         n_pairs = self.selector.n_pairs
@@ -426,43 +419,28 @@ class HiddenLosses(nn.Module):
             self.hyperbolic = HyperbolicHead(cfg.hyperbolic, n_pairs, d_teacher, d_student, cfg.project_to,
                                              cfg.intermediate_dim, cfg.train_projections)
 
-    @property
-    def needs_t2s(self) -> bool:
-        """True when the student states come from the t2s run (align "reduce")."""
-        return self.cfg.align == "reduce"
-
     # ----- rows ---------------------------------------------------------------------------------------
     def _select(self, states, layers, mask: Tensor) -> dict[int, Tensor]:
         return {i: states[i][mask] for i in layers}
 
     def rows(self, batch: dict[str, Tensor], teacher_states, student_states) -> AlignedRows:
         """The aligned rows of the states that the strategy reads (see the class docstring)."""
-        cfg, sel = self.cfg, self.selector
+        cfg, sel, pos = self.cfg, self.selector, self.positions
         t_layers, s_layers = sel.teacher_layers, sel.student_layers
-        shared = cfg.align == "shared"  # one vocabulary: both models read the same ids, every position pairs
-        t_mask = batch["s_mask"] if shared else batch["t_mask"]
         if cfg.strategy == "pool_and_project":
-            s_mask = batch["t2s_mask"] if self.needs_t2s else batch["s_mask"]
+            t_mask = pos.teacher_mask(batch)
             return AlignedRows({i: masked_mean_pool(teacher_states[i], t_mask) for i in t_layers},
-                               {i: masked_mean_pool(student_states[i], s_mask) for i in s_layers},
+                               {i: masked_mean_pool(student_states[i], pos.pass_mask(batch)) for i in s_layers},
                                torch.arange(t_mask.shape[0], device=t_mask.device))
-        if self.needs_t2s:
-            pieces = batch["t2s_mask"]
-            segments = batch["t2s_segment"][pieces]
-            n_rows = int(t_mask.sum())
-            student = {i: reduce_pool(student_states[i][pieces], segments, n_rows, cfg.pooling) for i in s_layers}
-            return AlignedRows(self._select(teacher_states, t_layers, t_mask), student, _row_sequences(t_mask))
-        if shared:
-            return AlignedRows(self._select(teacher_states, t_layers, t_mask),
-                               self._select(student_states, s_layers, t_mask), _row_sequences(t_mask))
-        t_match, s_match = batch["t_match"], batch["s_match"]
-        rows = AlignedRows(self._select(teacher_states, t_layers, t_match),
-                           self._select(student_states, s_layers, s_match), _row_sequences(t_match))
-        if cfg.use_mismatched_ids and "contrastive" in cfg.losses:
-            t_rest, s_rest = t_mask & ~t_match, batch["s_mask"] & ~s_match
+        t_rows = pos.teacher_rows(batch)
+        student = {i: pos.pool(pos.select(student_states[i], batch), batch) for i in s_layers}
+        rows = AlignedRows(self._select(teacher_states, t_layers, t_rows), student, row_sequences(t_rows))
+        unaligned = pos.unaligned(batch)
+        if cfg.use_mismatched_ids and "contrastive" in cfg.losses and unaligned is not None:
+            t_rest, s_rest = unaligned
             rows.extra_teacher = self._select(teacher_states, t_layers, t_rest)
             rows.extra_student = self._select(student_states, s_layers, s_rest)
-            rows.extra_teacher_seq, rows.extra_student_seq = _row_sequences(t_rest), _row_sequences(s_rest)
+            rows.extra_teacher_seq, rows.extra_student_seq = row_sequences(t_rest), row_sequences(s_rest)
         return rows
 
     # ----- losses -------------------------------------------------------------------------------------

@@ -32,15 +32,16 @@ def flags(name: str, out: Path, teacher: Path) -> list[str]:
     match = [*kd, "--align_logits", "match", "--matching_ids", str(out / "matched_vocab.json")]
     reduce = [*kd, "--align_logits", "reduce", "--t2s_mapping", str(out / "teacher2student.json"),
               "--matching_ids", str(out / "matched_vocab.json")]
-    reduce_map = [*kd, "--align_logits", "reduce", "--t2s_mapping", str(out / "teacher2student.json"),
+    reduce_map = [*kd, "--align_logits", "reduce_map", "--t2s_mapping", str(out / "teacher2student.json"),
                   "--t2s_vocab_padded", str(out / "t2s_padded.npy"), "--t2s_mapped_ids", str(out / "t2s_mapped_ids.npy")]
     return {
         "mlm_only": ["--alpha_mlm", "1.0"],
         "match": match,
         "reduce": reduce,
         "reduce_map": reduce_map,
-        "reduce_map_my_index": [*reduce_map, "--s2t_vocab_padded", str(out / "s2t_padded.npy"), "--s2t_idxs_padded",
-                                str(out / "s2t_idxs_padded.npy"), "--sum_probs"],
+        "reduce_map_my_index": [*reduce_map, "--reduce_map_impl", "my_index", "--s2t_vocab_padded",
+                                str(out / "s2t_padded.npy"), "--s2t_idxs_padded", str(out / "s2t_idxs_padded.npy"),
+                                "--sum_probs"],
         "shared": ["--teacher_name", str(teacher), "--alpha_ce", "2.0", "--alpha_mlm", "0.5"],
         "match_mse_cos": [*match, "--alpha_mse", "1.0", "--alpha_cos", "1.0"],
         "reduce_contrastive": [*reduce, "--alpha_contrastive", "1.0", "--align_hiddens", "reduce",

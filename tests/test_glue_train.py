@@ -16,7 +16,7 @@ if str(ROOT / "distil-finetuned-en") not in sys.path:
     sys.path.append(str(ROOT / "distil-finetuned-en"))
 
 from glue_tasks import GLUE_TASKS, TASKS  # noqa: E402
-from glue_trainer import LrSchedule, TrainConfig  # noqa: E402
+from glue_trainer import TrainConfig, lr_schedule  # noqa: E402
 
 from kdcore.errors import run_cli  # noqa: E402
 from test_glue_data import make_tokenizer, one_thread, write_glue_task  # noqa: E402, F401 (one_thread: autouse)
@@ -207,12 +207,14 @@ def test_early_stopping_and_lr_drops(env, tmp_path):
 
 
 def test_lr_schedule():
-    plateau = LrSchedule(TrainConfig(lr=1.0, warmup_prop=0.2, lr_drop_patience=2, lr_drop_div=2.0, min_lr=0.3), 10)
+    """GLUE's options on the trainer core's schedule: warm-up, drops after 2 validations without a new best score
+    (never below min_lr), linear decay."""
+    plateau = lr_schedule(TrainConfig(lr=1.0, warmup_prop=0.2, lr_drop_patience=2, lr_drop_div=2.0, min_lr=0.3), 10)
     assert [plateau.lr(s) for s in range(3)] == pytest.approx([0.5, 1.0, 1.0])
-    drops = [plateau.on_validation(improved) for improved in (False, True, False, False, False, False, False, False)]
+    drops = [plateau.on_validation(score) for score in (0.5, 0.6, 0.6, 0.5, 0.6, 0.6, 0.6, 0.6)]
     assert drops == [False, False, False, True, False, True, False, False]  # 1 -> 0.5 -> 0.3 (floor), then no more
     assert plateau.lr(5) == pytest.approx(0.3)
-    linear = LrSchedule(TrainConfig(lr=1.0, schedule="linear", warmup_prop=0.2), 10)
+    linear = lr_schedule(TrainConfig(lr=1.0, schedule="linear", warmup_prop=0.2), 10)
     assert [linear.lr(s) for s in (0, 1, 2, 6, 9)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.125])
 
 

@@ -19,6 +19,7 @@ from custom_step import (
     sample_without_replacement,
 )
 from hyptorch import pmath
+from kdcore.alignments import MatchPositions, ReducePositions, SharedPositions
 from kdcore.hidden_projection import (
     HiddenConfig,
     HiddenLosses,
@@ -339,8 +340,9 @@ def test_hidden_losses_rows_and_values(align):
     teacher_states = tuple(torch.randn(2, 6, d, generator=g) for _ in range(5))  # 4 teacher layers
     s_len = 7 if align == "reduce" else 6
     student_states = tuple(torch.randn(2, s_len, d, generator=g, requires_grad=True) for _ in range(4))  # 3 layers
-    cfg = HiddenConfig(losses=("mse", "cos", "contrastive"), align=align, strategy="skip", pooling="sum")
-    module = HiddenLosses(cfg, 4, 3, d, d)  # square projections start as the identity
+    cfg = HiddenConfig(losses=("mse", "cos", "contrastive"), strategy="skip")
+    positions = {"match": MatchPositions(), "reduce": ReducePositions("sum"), "shared": SharedPositions()}[align]
+    module = HiddenLosses(cfg, positions, 4, 3, d, d)  # square projections start as the identity
     out = module(batch, teacher_states, student_states)
     assert set(out) == {"loss_mse", "loss_cos", "loss_contrastive"}
     pairs = [(0, 0), (2, 1), (3, 2), (4, 3)]  # skip for 4/3
@@ -369,14 +371,14 @@ def test_hidden_losses_pool_and_project_and_errors():
     batch = _batch()
     teacher_states = tuple(torch.randn(2, 6, 8) for _ in range(3))
     student_states = tuple(torch.randn(2, 6, 4) for _ in range(3))
-    cfg = HiddenConfig(losses=("mse",), align="match", strategy="pool_and_project", project_to="student")
-    module = HiddenLosses(cfg, 2, 2, 8, 4)
+    cfg = HiddenConfig(losses=("mse",), strategy="pool_and_project", project_to="student")
+    module = HiddenLosses(cfg, MatchPositions(), 2, 2, 8, 4)
     rows = module.rows(batch, teacher_states, student_states)
     assert rows.teacher[1].shape == (2, 8) and rows.student[2].shape == (2, 4)
     torch.testing.assert_close(rows.teacher[1][1], teacher_states[1][1, :4].mean(0))
     assert torch.isfinite(module(batch, teacher_states, student_states)["loss_mse"])
     bad = dict(batch, s_match=batch["s_mask"])
-    token_level = HiddenLosses(HiddenConfig(losses=("mse",)), 2, 2, 8, 4)
+    token_level = HiddenLosses(HiddenConfig(losses=("mse",)), MatchPositions(), 2, 2, 8, 4)
     with pytest.raises(UserError, match="match masks"):
         token_level(bad, teacher_states, student_states)
 
@@ -389,7 +391,7 @@ def test_hyperbolic_hidden_losses_with_mismatched_negatives_and_bf16():
     cfg = HiddenConfig(losses=("contrastive",), strategy="last", n_negatives=2, negative_strategy="teacher_and_student",
                        use_mismatched_ids=True, from_one_sample=True,
                        hyperbolic=HyperbolicConfig(c=1.3, adjust_c="train_exp_map_teacher"))
-    module = HiddenLosses(cfg, 2, 2, 8, 4)
+    module = HiddenLosses(cfg, MatchPositions(), 2, 2, 8, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = module(batch, tuple(t.bfloat16() for t in teacher_states), student_states)["loss_contrastive"]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

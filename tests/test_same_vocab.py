@@ -84,8 +84,9 @@ def test_shared_vocabulary_training(tmp_path, same_vocab_out, teacher_dir, restr
 def test_shared_step_equals_dense_reference(same_vocab_out, teacher_dir):
     """KL over every non-pad position (or the MLM targets) and MLM, against full-logit computations."""
     from custom_step import IGNORE_INDEX
+    from kdcore.alignments import AlignmentConfig, Shared, Vocabularies
     from kdcore.model_io import load_student, load_teacher
-    from kdcore.step_runner import KLPlan, StudentRunner, combine_losses, teacher_logits
+    from kdcore.step_runner import StudentRunner, combine_losses, teacher_forward
 
     torch.manual_seed(0)
     student = load_student(same_vocab_out / "student", same_vocab_out / "student_init").eval()
@@ -98,10 +99,10 @@ def test_shared_step_equals_dense_reference(same_vocab_out, teacher_dir):
     labels[0, 1], labels[2, 3], labels[1, 0] = 11, 12, 13
     batch = {"s_ids": ids, "s_mask": mask, "t_ids": ids, "t_mask": mask}
     for restrict in (False, True):
-        plan = KLPlan("shared", 2.0, restrict_to_mask=restrict)
+        plan = Shared.build(AlignmentConfig(restrict_ce_to_mask=restrict), 2.0, Vocabularies(0, 0, {}))
         runner = StudentRunner(student, mlm=True, kl=plan)
         out = runner(batch, ids, labels)
-        t_logits = teacher_logits(teacher, batch, plan, ids, labels)
+        t_logits, _ = teacher_forward(teacher, batch, plan, ids, labels, reads_student_ids=True)
         total, losses = combine_losses(out, t_logits, plan, {"ce": 5.0, "mlm": 2.0})
         with torch.no_grad():
             s_full = student(input_ids=ids, attention_mask=mask.long()).logits

@@ -30,13 +30,14 @@ def kd_flags(out: Path, teacher: Path, align: str) -> list[str]:
     flags = ["--teacher_name", str(teacher), "--alpha_ce", "2.0", "--alpha_mlm", "0.5", "--temperature", "2"]
     if align == "match":
         return [*flags, "--align_logits", "match", "--matching_ids", str(out / "matched_vocab.json")]
-    flags += ["--align_logits", "reduce", "--t2s_mapping", str(out / "teacher2student.json")]
     if align == "reduce":
-        return [*flags, "--matching_ids", str(out / "matched_vocab.json")]
-    flags += ["--t2s_vocab_padded", str(out / "t2s_padded.npy"), "--t2s_mapped_ids", str(out / "t2s_mapped_ids.npy")]
+        return [*flags, "--align_logits", "reduce", "--t2s_mapping", str(out / "teacher2student.json"),
+                "--matching_ids", str(out / "matched_vocab.json")]
+    flags += ["--align_logits", "reduce_map", "--t2s_mapping", str(out / "teacher2student.json"),
+              "--t2s_vocab_padded", str(out / "t2s_padded.npy"), "--t2s_mapped_ids", str(out / "t2s_mapped_ids.npy")]
     if align == "reduce_map_my_index":
-        flags += ["--s2t_vocab_padded", str(out / "s2t_padded.npy"), "--s2t_idxs_padded",
-                  str(out / "s2t_idxs_padded.npy"), "--sum_probs"]
+        flags += ["--reduce_map_impl", "my_index", "--s2t_vocab_padded", str(out / "s2t_padded.npy"),
+                  "--s2t_idxs_padded", str(out / "s2t_idxs_padded.npy"), "--sum_probs"]
     return flags
 
 
