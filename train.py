@@ -143,7 +143,7 @@ def add_hidden_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--average_hiddens", action="store_true",
                    help="align_hiddens reduce: pool the pieces of a teacher token by mean instead of sum")
     g.add_argument("--projection_strategy", choices=PROJECTION_STRATEGIES, default="average_by_layers",
-                   help="which teacher and student layers are compared (see hidden_projection.py)")
+                   help="which teacher and student layers are compared (see kdcore/hidden_projection.py)")
     g.add_argument("--t_s_layers_ids", help='select_by_ids: JSON {"teacher": [4, 8, 12], "student": [1, 2, 3]} '
                    "(hidden-state indices, 0 = embeddings)")
     g.add_argument("--project_to", choices=PROJECT_TO, default="teacher",

@@ -14,7 +14,7 @@ from kdcore.hidden_args import add_hyperbolic_subcommand
 DESCRIPTION = ("Fine-tune a model on a GLUE task (train_single) or distil a fine-tuned teacher into a student "
                "(distil_teacher), offline, from the GLUE TSV folders on disk.")
 
-# The choices of hidden_projection.py and custom_step.py, spelled out so that parsing the command line does
+# The choices of kdcore/hidden_projection.py and custom_step.py, spelled out so that parsing the command line does
 # not import torch (a test checks they are the same).
 PROJECTION_STRATEGIES = ("last", "skip", "average", "average_by_layers", "weighted_average_by_layers",
                          "select_by_ids", "pool_and_project")
@@ -33,7 +33,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_labels", type=int, help="single_sentence: number of classes K (default: largest label + 1)")
     g.add_argument("--bad_rows", choices=("error", "skip"), default="error",
                    help="a malformed TSV row stops the run (error) or is dropped and counted (skip, at most 1%%)")
-    g.add_argument("--tokenizer_name", required=True, help="tokenizer directory (shared by teacher and student)")
+    g.add_argument("--tokenizer_name", help="tokenizer directory (shared by teacher and student)")
+    g.add_argument("--pipeline_dir", help="a run_pipeline.py --out_dir: its student tokenizer fills --tokenizer_name "
+                   "and, for distil_teacher, its student config directory fills --student_name, where not given")
     g.add_argument("--tokenizer_params",
                    help="YAML with max_length (default 128, or the models' max_position_embeddings when "
                         "smaller), padding (longest | max_length), truncation (longest_first | only_first | "
@@ -85,7 +87,7 @@ def _add_distil(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher_name", required=True, help="fine-tuned teacher directory (train_single's best_model)")
     p.add_argument("--teacher_weights", help="teacher weights (HF directory or state-dict file; default: --teacher_name)")
-    p.add_argument("--student_name", required=True, help="student directory with config.json")
+    p.add_argument("--student_name", help="student directory with config.json (or --pipeline_dir)")
     p.add_argument("--student_weights",
                    help="initial student weights (HF directory or state-dict file, e.g. init_weights.py's output); "
                         "default: random init")
@@ -99,7 +101,7 @@ def _add_distil(sub) -> None:
     g.add_argument("--train_temperature", action="store_true",
                    help="learn the temperature (initialised at --temperature)")
     g = p.add_argument_group("hidden states", "MSE / cosine / contrastive terms on the hidden states of every "
-                             "real position (one row per example with pool_and_project), see hidden_projection.py")
+                             "real position (one row per example with pool_and_project), see kdcore/hidden_projection.py")
     g.add_argument("--alpha_mse", type=float, default=0.0, help="weight of MSE on projected hidden states")
     g.add_argument("--alpha_cos", type=float, default=0.0, help="weight of the cosine loss on hidden states")
     g.add_argument("--alpha_contrastive", type=float, default=0.0, help="weight of the contrastive (InfoNCE) loss")
@@ -139,8 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fill_from_pipeline(a: argparse.Namespace) -> None:
+    """`--pipeline_dir`: the pipeline's student tokenizer for --tokenizer_name and, for distil_teacher, its student
+    directory for --student_name, where the command line leaves them out (explicit flags win)."""
+    from kdcore.artifacts import PipelineDir
+
+    flags = ["tokenizer_name"] + (["student_name"] if a.command == "distil_teacher" else [])
+    pipe = PipelineDir(a.pipeline_dir)
+    for flag in flags:
+        if not getattr(a, flag):
+            setattr(a, flag, pipe.path("student_name"))
+
+
 def validate_args(a: argparse.Namespace) -> None:
-    """Reject inconsistent flags before any heavy work (one-line errors)."""
+    """Fill the flags that `--pipeline_dir` gives, then reject inconsistent flags before any heavy work (one-line
+    errors)."""
+    if a.pipeline_dir:
+        fill_from_pipeline(a)
+    for flag in ("tokenizer_name", *(["student_name"] if a.command == "distil_teacher" else [])):
+        if not getattr(a, flag):
+            raise UserError(f"--{flag} is required (or --pipeline_dir, which fills it)")
     for flag in ("batch_size", "gradient_accumulation_steps", "n_epochs"):
         if getattr(a, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")

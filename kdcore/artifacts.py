@@ -177,3 +177,25 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     """The pipeline's `manifest.json` in `out_dir`, or None when there is none yet."""
     path = Path(out_dir) / MANIFEST
     return load_json(path, "manifest") if path.is_file() else None
+
+
+class PipelineDir:
+    """A `run_pipeline.py --out_dir` as a source of trainer inputs (`--pipeline_dir`): `path(flag)` is the file that
+    fills a data or artifact flag, once the step that makes it has finished (its `manifest.json` says so)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        manifest = read_manifest(self.root) if self.root.is_dir() else None
+        if manifest is None:
+            raise UserError(f"--pipeline_dir {self.root} has no {MANIFEST}; pass the --out_dir of run_pipeline.py")
+        self.done = set(manifest.get("steps", {}))
+
+    def path(self, flag: str) -> str:
+        """The path for `--flag` (a key of DATA_FLAGS or ARTIFACT_FLAGS); a one-line error naming the step that makes
+        it when the pipeline has not made it."""
+        artifact = DATA_FLAGS.get(flag) or ARTIFACT_FLAGS[flag]
+        path = self.root / artifact.file
+        if artifact.step_name not in self.done or not path.exists():
+            raise UserError(f"--pipeline_dir {self.root} lacks {artifact.file} (--{flag}); it is made by pipeline "
+                            f"step {artifact.step} ({artifact.step_name}.py): run run_pipeline.py on it again")
+        return str(path)

@@ -20,7 +20,7 @@ from kdcore.alignments import (
     hidden_positions_class,
     required_artifacts,
 )
-from kdcore.artifacts import ARTIFACT_FLAGS, DATA_FLAGS, MANIFEST, read_manifest
+from kdcore.artifacts import ARTIFACT_FLAGS, PipelineDir
 from kdcore.errors import UserError
 from kdcore.hidden_projection import HiddenConfig
 from kdcore.trainer_core import CurvatureConfig, hidden_config
@@ -269,24 +269,15 @@ def fill_from_pipeline(a: argparse.Namespace) -> None:
     """Fill, in `a`, every data and artifact flag that the run reads and the command line left empty, from the
     `run_pipeline.py` output `a.pipeline_dir` (its `manifest.json` says which steps finished). An artifact that the
     run needs but the pipeline did not make is a one-line error naming the step that makes it."""
-    root = Path(a.pipeline_dir)
-    manifest = read_manifest(root) if root.is_dir() else None
-    if manifest is None:
-        raise UserError(f"--pipeline_dir {root} has no {MANIFEST}; pass the --out_dir of run_pipeline.py")
-    done = manifest.get("steps", {})
+    pipe = PipelineDir(a.pipeline_dir)
     kl, hidden = a.alpha_ce > 0, a.alpha_mse + a.alpha_cos + a.alpha_contrastive > 0
     wanted = ["binarized_data_folder", "student_name", "student_pretrained_weights"]
     if a.alpha_mlm > 0:
         wanted.append("student_token_counts")
     if kl or hidden:
-        shared = bool(a.teacher_name) and shared_vocabulary(a.teacher_name, str(root / DATA_FLAGS["student_name"].file))
+        student = a.student_name or pipe.path("student_name")
+        shared = bool(a.teacher_name) and shared_vocabulary(a.teacher_name, student)
         wanted += required_artifacts(alignment_config(a), kl, hidden, shared)
     for flag in wanted:
-        if getattr(a, flag):
-            continue  # an explicit flag wins
-        artifact = DATA_FLAGS.get(flag) or ARTIFACT_FLAGS[flag]
-        path = root / artifact.file
-        if artifact.step_name not in done or not path.exists():
-            raise UserError(f"--pipeline_dir {root} lacks {artifact.file} (--{flag}); it is made by pipeline step "
-                            f"{artifact.step} ({artifact.step_name}.py): run run_pipeline.py on it again")
-        setattr(a, flag, str(path))
+        if not getattr(a, flag):  # an explicit flag wins
+            setattr(a, flag, pipe.path(flag))

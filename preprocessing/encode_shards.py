@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -42,25 +43,51 @@ def select(block: Block, keep: np.ndarray) -> Block:
     return Block(block.t_ids[t_tok], block.t_lengths[keep], block.s_ids[s_tok], block.s_lengths[keep])
 
 
-def run(teacher_name: str, student_name: str, corpus: list[str], t2s_padded: str, out_dir: str,
-        block_lines: int = 10000, seqs_per_shard: int = 1_000_000, num_workers: int = 2,
-        max_bad_frac: float = DEFAULT_MAX_BAD_FRAC, force: bool = False) -> dict:
-    """Encode the corpus into the shard set `out_dir`; returns statistics."""
-    if num_workers > 1:
+@dataclass(frozen=True)
+class EncodeParams:
+    """Parameters of `run` (step 3).
+
+    teacher_name: teacher directory (tokenizer);
+    student_name: student directory (tokenizer from step 1);
+    corpus: UTF-8 text files, one text per line;
+    t2s_padded: path of t2s_padded.npy from step 2;
+    out_dir: output shard set directory;
+    block_lines: texts encoded per batch (lines held in memory at once);
+    seqs_per_shard: sequences per shard before the next one starts;
+    num_workers: encoder threads;
+    max_bad_frac: largest tolerated share (0..1) of undecodable lines per corpus file;
+    force: overwrite an existing output.
+    """
+
+    teacher_name: str
+    student_name: str
+    corpus: list[str]
+    t2s_padded: str
+    out_dir: str
+    block_lines: int = 10000
+    seqs_per_shard: int = 1_000_000
+    num_workers: int = 2
+    max_bad_frac: float = DEFAULT_MAX_BAD_FRAC
+    force: bool = False
+
+
+def run(params: EncodeParams) -> dict:
+    """Encode the corpus into the shard set `params.out_dir`; returns statistics."""
+    if params.num_workers > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        os.environ.setdefault("RAYON_NUM_THREADS", str(num_workers))
-    check_output(out_dir, force)
+        os.environ.setdefault("RAYON_NUM_THREADS", str(params.num_workers))
+    check_output(params.out_dir, params.force)
     stats: dict = {}
     with timed(stats):
-        pair = load_pair(teacher_name, student_name)
+        pair = load_pair(params.teacher_name, params.student_name)
         n_t, n_s = len(pair.t_vocab), len(pair.s_vocab)
-        n_pieces = (load_t2s_padded(t2s_padded, n_t, n_s) != n_s).sum(axis=1)
+        n_pieces = (load_t2s_padded(params.t2s_padded, n_t, n_s) != n_s).sum(axis=1)
         encoder = BlockEncoder([pair.teacher.backend_tokenizer, pair.student.backend_tokenizer])
         corpus_stats = CorpusStats()
         kept = dropped = t_tokens = s_tokens = 0
-        with ShardSetWriter(out_dir, n_t, n_s, pair.fingerprints) as shard_set:
+        with ShardSetWriter(params.out_dir, n_t, n_s, pair.fingerprints) as shard_set:
             writer, in_shard = None, 0
-            for texts in iter_corpus(corpus, block_lines, max_bad_frac, corpus_stats):
+            for texts in iter_corpus(params.corpus, params.block_lines, params.max_bad_frac, corpus_stats):
                 (t_ids, t_len), (s_ids, s_len) = encoder.encode(texts)
                 keep = keep_mask(t_ids, t_len, n_pieces)
                 block = select(Block(t_ids, t_len, s_ids, s_len), keep)
@@ -69,12 +96,12 @@ def run(teacher_name: str, student_name: str, corpus: list[str], t2s_padded: str
                 while start < len(block):
                     if writer is None:
                         writer, in_shard = shard_set.new_shard(), 0
-                    take = min(len(block) - start, seqs_per_shard - in_shard)
+                    take = min(len(block) - start, params.seqs_per_shard - in_shard)
                     part = select(block, (np.arange(len(block)) >= start) & (np.arange(len(block)) < start + take))
                     writer.add(part)
                     in_shard += take
                     start += take
-                    if in_shard == seqs_per_shard:
+                    if in_shard == params.seqs_per_shard:
                         writer.close()
                         writer = None
                 kept += len(block)
@@ -103,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_bad_frac", type=float, default=DEFAULT_MAX_BAD_FRAC)
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     a = p.parse_args(argv)
-    stats = run(a.teacher_name, a.student_name, a.corpus, a.t2s_padded, a.out_dir, a.block_lines,
-                a.seqs_per_shard, a.num_workers, a.max_bad_frac, a.force)
+    params = EncodeParams(
+        teacher_name=a.teacher_name, student_name=a.student_name, corpus=a.corpus, t2s_padded=a.t2s_padded,
+        out_dir=a.out_dir, block_lines=a.block_lines, seqs_per_shard=a.seqs_per_shard,
+        num_workers=a.num_workers, max_bad_frac=a.max_bad_frac, force=a.force,
+    )
+    stats = run(params)
     print(json.dumps(stats))
     return 0
 

@@ -30,6 +30,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -232,14 +233,40 @@ def load_classifier_teacher(path: str):
     return model
 
 
-def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None = None,
-        vocab_transform: bool = True, seed: int = 42, force: bool = False, strategy: str = "average",
-        layers: list[int] | None = None) -> dict:
+@dataclass(frozen=True)
+class InitParams:
+    """Parameters of `run` (step 8).
+
+    teacher_name: teacher directory (BertForMaskedLM or fine-tuned BertForSequenceClassification + tokenizer);
+    student_name: student directory (config.json + tokenizer);
+    out: output HF model directory (student_init);
+    t2s_mapping: path of teacher2student.json from step 2, or None for equal vocabularies;
+    vocab_transform: copy the teacher's MLM transform (truncated) instead of keeping the student's random one;
+    seed: torch seed of the parameters that are not copied;
+    force: overwrite an existing output;
+    strategy: layer initialisation, a key of INIT_STRATEGIES ("average" or "select");
+    layers: with strategy "select", the teacher layer indices (0-based) to copy, one per student layer;
+        None spreads them evenly.
+    """
+
+    teacher_name: str
+    student_name: str
+    out: str
+    t2s_mapping: str | None = None
+    vocab_transform: bool = True
+    seed: int = 42
+    force: bool = False
+    strategy: str = "average"
+    layers: list[int] | None = None
+
+
+def run(params: InitParams) -> dict:
     """Build and save the initialised student; returns statistics."""
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    out_dir = check_output(out, force)
+    teacher_name, student_name, t2s_mapping = params.teacher_name, params.student_name, params.t2s_mapping
+    out_dir = check_output(params.out, params.force)
     stats: dict = {}
     with timed(stats):
         pair = load_pair(teacher_name, student_name)
@@ -268,7 +295,7 @@ def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None 
         else:
             raise UserError("the student vocabulary differs from the teacher's; pass --t2s_mapping "
                             "teacher2student.json")
-        torch.manual_seed(seed)
+        torch.manual_seed(params.seed)
         if finetuned:
             from transformers import AutoModelForSequenceClassification
 
@@ -277,7 +304,7 @@ def run(teacher_name: str, student_name: str, out: str, t2s_mapping: str | None 
             student = AutoModelForSequenceClassification.from_config(config)
         else:
             student = AutoModelForMaskedLM.from_config(config)
-        info = init_student(teacher, student, mapping, vocab_transform, strategy, layers)
+        info = init_student(teacher, student, mapping, params.vocab_transform, params.strategy, params.layers)
         with staged_dir(out_dir) as tmp:
             student.save_pretrained(str(tmp))
             pair.student.save_pretrained(str(tmp))
@@ -317,8 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42, help="seed of the parameters that are not copied")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     a = p.parse_args(argv)
-    stats = run(a.teacher_name, a.student_name, a.out, a.t2s_mapping, a.vocab_transform == "copy", a.seed, a.force,
-                a.init_strategy, a.layers)
+    params = InitParams(
+        teacher_name=a.teacher_name, student_name=a.student_name, out=a.out, t2s_mapping=a.t2s_mapping,
+        vocab_transform=a.vocab_transform == "copy", seed=a.seed, force=a.force, strategy=a.init_strategy,
+        layers=a.layers,
+    )
+    stats = run(params)
     print(json.dumps(stats))
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -106,26 +107,54 @@ def check_wrapped(block: Block, pair) -> None:
                             "them with encode_shards.py")
 
 
-def run(teacher_name: str, student_name: str, in_dir: str, t2s_padded: str, out_dir: str, max_len: int = MAX_LEN,
-        min_len: int = 3, max_unk_prop: float = 0.5, block_size: int = 50000, force: bool = False) -> dict:
-    """Filter/split the shard set `in_dir` into `out_dir`; returns statistics."""
+@dataclass(frozen=True)
+class FilterParams:
+    """Parameters of `run` (step 4).
+
+    teacher_name: teacher directory (tokenizer);
+    student_name: student directory (tokenizer);
+    in_dir: shard set from step 3;
+    t2s_padded: path of t2s_padded.npy from step 2;
+    out_dir: output shard set directory;
+    max_len: maximum tokens per sequence on every side ([CLS] and [SEP] included);
+    min_len: minimum content tokens per sequence on either side;
+    max_unk_prop: largest tolerated share (0..1) of [UNK] among the content tokens on either side;
+    block_size: sequences read from an input shard at a time;
+    force: overwrite an existing output.
+    """
+
+    teacher_name: str
+    student_name: str
+    in_dir: str
+    t2s_padded: str
+    out_dir: str
+    max_len: int = MAX_LEN
+    min_len: int = 3
+    max_unk_prop: float = 0.5
+    block_size: int = 50000
+    force: bool = False
+
+
+def run(params: FilterParams) -> dict:
+    """Filter/split the shard set `params.in_dir` into `params.out_dir`; returns statistics."""
+    max_len = params.max_len
     if max_len < 3:
         raise UserError(f"--max_len {max_len} must be at least 3 ([CLS] token [SEP])")
-    check_output(out_dir, force)
+    check_output(params.out_dir, params.force)
     stats: dict = {}
     with timed(stats):
-        pair = load_pair(teacher_name, student_name)
-        check_fingerprints(read_index(in_dir)["fingerprints"], pair.fingerprints, in_dir)
+        pair = load_pair(params.teacher_name, params.student_name)
+        check_fingerprints(read_index(params.in_dir)["fingerprints"], pair.fingerprints, params.in_dir)
         n_t, n_s = len(pair.t_vocab), len(pair.s_vocab)
-        n_pieces = (load_t2s_padded(t2s_padded, n_t, n_s) != n_s).sum(axis=1)
+        n_pieces = (load_t2s_padded(params.t2s_padded, n_t, n_s) != n_s).sum(axis=1)
         t_tab = SideTables.build(pair.t_vocab, set(pair.teacher.all_special_tokens), pair.t_special["unk"])
         s_tab = SideTables.build(pair.s_vocab, set(pair.student.all_special_tokens), pair.s_special["unk"])
         counts = dict.fromkeys(REASONS, 0)
         seqs_in = split_texts = words_dropped = t_tokens = s_tokens = 0
-        with ShardSetWriter(out_dir, n_t, n_s, pair.fingerprints) as shard_set:
-            for shard in open_shards(in_dir):
+        with ShardSetWriter(params.out_dir, n_t, n_s, pair.fingerprints) as shard_set:
+            for shard in open_shards(params.in_dir):
                 with shard_set.new_shard() as writer:
-                    for block in shard.blocks(block_size):
+                    for block in shard.blocks(params.block_size):
                         check_wrapped(block, pair)
                         seqs_in += len(block)
                         mismatch = word_mismatch(block, t_tab, s_tab)
@@ -136,7 +165,7 @@ def run(teacher_name: str, student_name: str, in_dir: str, t2s_padded: str, out_
                         split_texts += n_split
                         words_dropped += n_drop
                         for part in (select(block, ~mismatch & ~long), chunks):
-                            codes = filter_codes(part, t_tab, s_tab, min_len, max_unk_prop)
+                            codes = filter_codes(part, t_tab, s_tab, params.min_len, params.max_unk_prop)
                             for code, reason in enumerate(REASONS):
                                 counts[reason] += int((codes == code).sum())
                             kept = select(part, codes == 0)
@@ -161,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_unk_prop", type=float, default=0.5, help="largest tolerated share of [UNK]")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     a = p.parse_args(argv)
-    stats = run(a.teacher_name, a.student_name, a.in_dir, a.t2s_padded, a.out_dir, a.max_len, a.min_len,
-                a.max_unk_prop, force=a.force)
+    params = FilterParams(
+        teacher_name=a.teacher_name, student_name=a.student_name, in_dir=a.in_dir, t2s_padded=a.t2s_padded,
+        out_dir=a.out_dir, max_len=a.max_len, min_len=a.min_len, max_unk_prop=a.max_unk_prop, force=a.force,
+    )
+    stats = run(params)
     print(json.dumps(stats))
     return 0
 

@@ -76,9 +76,11 @@ def _student_tokenizer(a: argparse.Namespace, out: Path) -> dict:
     if a.student_tokenizer:
         return train_reduced_tok.adopt(a.teacher_name, a.student_tokenizer, str(out / "student"), a.student_config,
                                        a.max_len, force=True)
-    return train_reduced_tok.train(a.teacher_name, a.corpus, a.student_vocab_size, str(out / "student"),
-                                   a.char_coverage, a.min_frequency, a.student_config, a.max_len, a.max_bad_frac,
-                                   force=True)
+    return train_reduced_tok.train(train_reduced_tok.ReducedTokParams(
+        teacher_name=a.teacher_name, corpus=a.corpus, vocab_size=a.student_vocab_size,
+        out=str(out / "student"), char_coverage=a.char_coverage, min_frequency=a.min_frequency,
+        student_config_path=a.student_config, max_len=a.max_len, max_bad_frac=a.max_bad_frac, force=True,
+    ))
 
 
 STEPS = [
@@ -90,14 +92,18 @@ STEPS = [
          lambda a, o: teacher_tokens_split.run(a.teacher_name, _student_dir(o), str(o))),
     Step(3, "encode_shards", ("train_reduced_tok", "teacher_tokens_split"), (), ("teacher_tokenizer", "corpus"),
          lambda o: [o / "work" / "encoded" / "index.json"],
-         lambda a, o: encode_shards.run(a.teacher_name, _student_dir(o), a.corpus, str(o / "t2s_padded.npy"),
-                                        str(o / "work" / "encoded"), num_workers=a.num_workers,
-                                        max_bad_frac=a.max_bad_frac, force=True)),
+         lambda a, o: encode_shards.run(encode_shards.EncodeParams(
+             teacher_name=a.teacher_name, student_name=_student_dir(o), corpus=a.corpus,
+             t2s_padded=str(o / "t2s_padded.npy"), out_dir=str(o / "work" / "encoded"),
+             num_workers=a.num_workers, max_bad_frac=a.max_bad_frac, force=True,
+         ))),
     Step(4, "prepare_lm_seqs", ("encode_shards",), ("max_len", "min_len", "max_unk_prop"), ("teacher_tokenizer",),
          lambda o: [o / "work" / "filtered" / "index.json"],
-         lambda a, o: prepare_lm_seqs.run(a.teacher_name, _student_dir(o), str(o / "work" / "encoded"),
-                                          str(o / "t2s_padded.npy"), str(o / "work" / "filtered"), a.max_len,
-                                          a.min_len, a.max_unk_prop, force=True)),
+         lambda a, o: prepare_lm_seqs.run(prepare_lm_seqs.FilterParams(
+             teacher_name=a.teacher_name, student_name=_student_dir(o), in_dir=str(o / "work" / "encoded"),
+             t2s_padded=str(o / "t2s_padded.npy"), out_dir=str(o / "work" / "filtered"), max_len=a.max_len,
+             min_len=a.min_len, max_unk_prop=a.max_unk_prop, force=True,
+         ))),
     Step(5, "regroup_binarized", ("prepare_lm_seqs",), ("n_shards",), (),
          lambda o: [o / "processed_binarized" / "index.json"],
          lambda a, o: regroup_binarized.run(str(o / "work" / "filtered"), str(o / "processed_binarized"),
@@ -106,15 +112,19 @@ STEPS = [
          lambda a, o: token_counts.run(str(o / "processed_binarized"), str(o))),
     Step(7, "student2teacher", ("teacher_tokens_split", "token_counts"), ("cut_len", "seed"), (),
          lambda o: [o / n for n in student2teacher.OUTPUTS],
-         lambda a, o: student2teacher.run(str(o / "teacher2student.json"), str(o / "t2s_padded.npy"),
-                                          str(o / "t2s_mapped_ids.npy"), str(o / "teacher_counts.npy"), str(o),
-                                          a.cut_len, a.seed)),
+         lambda a, o: student2teacher.run(student2teacher.InverseMapParams(
+             t2s_mapping=str(o / "teacher2student.json"), t2s_padded=str(o / "t2s_padded.npy"),
+             t2s_mapped_ids=str(o / "t2s_mapped_ids.npy"), teacher_counts=str(o / "teacher_counts.npy"),
+             out_dir=str(o), cut_len=a.cut_len, seed=a.seed,
+         ))),
     Step(8, "init_weights", ("train_reduced_tok", "teacher_tokens_split"),
          ("seed", "vocab_transform", "init_strategy", "layers"), ("teacher_tokenizer", "teacher_model"),
          lambda o: [o / "student_init" / "config.json"],
-         lambda a, o: init_weights.run(a.teacher_name, _student_dir(o), str(o / "student_init"),
-                                       str(o / "teacher2student.json"), a.vocab_transform == "copy", a.seed,
-                                       force=True, strategy=a.init_strategy, layers=a.layers)),
+         lambda a, o: init_weights.run(init_weights.InitParams(
+             teacher_name=a.teacher_name, student_name=_student_dir(o), out=str(o / "student_init"),
+             t2s_mapping=str(o / "teacher2student.json"), vocab_transform=a.vocab_transform == "copy",
+             seed=a.seed, force=True, strategy=a.init_strategy, layers=a.layers,
+         ))),
     Step(9, "find_matching_ids", ("regroup_binarized",), (), ("teacher_tokenizer",), lambda o: [],
          lambda a, o: find_matching_ids.run(a.teacher_name, _student_dir(o), str(o / "processed_binarized")),
          complete=_has_match),

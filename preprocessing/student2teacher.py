@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,20 +57,41 @@ def invert(t2s_padded: np.ndarray, mapped_ids: np.ndarray, n_student: int, cut_l
     return s2t, idxs, stats
 
 
-def run(t2s_mapping: str, t2s_padded: str, t2s_mapped_ids: str, teacher_counts: str, out_dir: str,
-        cut_len: int = 30, seed: int = 42) -> dict:
-    """Write s2t_padded.npy and s2t_idxs_padded.npy into `out_dir`; returns statistics."""
-    if cut_len < 1:
-        raise UserError(f"--cut_len {cut_len} must be at least 1")
+@dataclass(frozen=True)
+class InverseMapParams:
+    """Parameters of `run` (step 7).
+
+    t2s_mapping: path of teacher2student.json from step 2;
+    t2s_padded: path of t2s_padded.npy from step 2;
+    t2s_mapped_ids: path of t2s_mapped_ids.npy from step 2;
+    teacher_counts: path of teacher_counts.npy from step 6;
+    out_dir: directory that receives s2t_padded.npy and s2t_idxs_padded.npy;
+    cut_len: maximum teacher entries per student id (the width of the inverse map);
+    seed: seed of the count-weighted sampling of the capped student ids.
+    """
+
+    t2s_mapping: str
+    t2s_padded: str
+    t2s_mapped_ids: str
+    teacher_counts: str
+    out_dir: str
+    cut_len: int = 30
+    seed: int = 42
+
+
+def run(params: InverseMapParams) -> dict:
+    """Write s2t_padded.npy and s2t_idxs_padded.npy into `params.out_dir`; returns statistics."""
+    if params.cut_len < 1:
+        raise UserError(f"--cut_len {params.cut_len} must be at least 1")
     stats: dict = {}
     with timed(stats):
-        meta = load_teacher2student(t2s_mapping)
+        meta = load_teacher2student(params.t2s_mapping)
         n_t, n_s = meta["teacher_vocab_size"], meta["student_vocab_size"]
-        padded = load_t2s_padded(t2s_padded, n_t, n_s)
-        mapped = load_t2s_mapped_ids(t2s_mapped_ids, n_t)
-        counts = load_counts(teacher_counts, n_t)
-        s2t, idxs, info = invert(padded, mapped, n_s, cut_len, counts, seed)
-        out = Path(out_dir)
+        padded = load_t2s_padded(params.t2s_padded, n_t, n_s)
+        mapped = load_t2s_mapped_ids(params.t2s_mapped_ids, n_t)
+        counts = load_counts(params.teacher_counts, n_t)
+        s2t, idxs, info = invert(padded, mapped, n_s, params.cut_len, counts, params.seed)
+        out = Path(params.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(out / OUTPUTS[0], s2t)
         atomic_save_npy(out / OUTPUTS[1], idxs)
@@ -87,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cut_len", type=int, default=30, help="maximum teacher entries per student id")
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args(argv)
-    print(json.dumps(run(a.t2s_mapping, a.t2s_padded, a.t2s_mapped_ids, a.teacher_counts, a.out_dir, a.cut_len,
-                         a.seed)))
+    params = InverseMapParams(
+        t2s_mapping=a.t2s_mapping, t2s_padded=a.t2s_padded, t2s_mapped_ids=a.t2s_mapped_ids,
+        teacher_counts=a.teacher_counts, out_dir=a.out_dir, cut_len=a.cut_len, seed=a.seed,
+    )
+    print(json.dumps(run(params)))
     return 0
 
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -121,43 +122,72 @@ def read_student_config(path: str, max_len: int):
     return config
 
 
-def train(teacher_name: str, corpus: list[str], vocab_size: int, out: str, char_coverage: float = 0.9995,
-          min_frequency: int = 2, student_config_path: str | None = None, max_len: int = MAX_LEN,
-          max_bad_frac: float = DEFAULT_MAX_BAD_FRAC, force: bool = False) -> dict:
+@dataclass(frozen=True)
+class ReducedTokParams:
+    """Parameters of `train` (step 1).
+
+    teacher_name: teacher directory (HF BertForMaskedLM + tokenizer);
+    corpus: UTF-8 text files, one text per line;
+    vocab_size: student vocabulary size (entries, special tokens and alphabet included);
+    out: output tokenizer directory;
+    char_coverage: share (0, 1] of the corpus character occurrences the student alphabet covers;
+    min_frequency: minimum pair frequency (occurrences) for a WordPiece merge;
+    student_config_path: DistilBERT/BERT config JSON written with the new vocab_size, or None for no config;
+    max_len: maximum sequence length in tokens (the tokenizer's model_max_length);
+    max_bad_frac: largest tolerated share (0..1) of undecodable lines per corpus file;
+    force: overwrite an existing output.
+    """
+
+    teacher_name: str
+    corpus: list[str]
+    vocab_size: int
+    out: str
+    char_coverage: float = 0.9995
+    min_frequency: int = 2
+    student_config_path: str | None = None
+    max_len: int = MAX_LEN
+    max_bad_frac: float = DEFAULT_MAX_BAD_FRAC
+    force: bool = False
+
+
+def train(params: ReducedTokParams) -> dict:
     """Train and save the student tokenizer (and config); returns statistics."""
     from tokenizers import Tokenizer, models, trainers
 
-    out_dir = check_output(out, force)
-    teacher = load_tokenizer(teacher_name, "teacher")
+    out_dir = check_output(params.out, params.force)
+    teacher = load_tokenizer(params.teacher_name, "teacher")
     wp = wordpiece_settings(teacher)
     backend = teacher.backend_tokenizer
-    if not 0 < char_coverage <= 1:
-        raise UserError(f"--char_coverage {char_coverage} must be in (0, 1]")
-    counts, corpus_stats = count_chars(corpus, backend.normalizer, max_bad_frac)
-    alphabet = alphabet_at_coverage(counts, char_coverage)
+    if not 0 < params.char_coverage <= 1:
+        raise UserError(f"--char_coverage {params.char_coverage} must be in (0, 1]")
+    counts, corpus_stats = count_chars(params.corpus, backend.normalizer, params.max_bad_frac)
+    alphabet = alphabet_at_coverage(counts, params.char_coverage)
     specials = [t for t in vocab_list(teacher) if t in set(teacher.all_special_tokens)]
-    final_vocab(specials, alphabet, [], vocab_size)  # fail early when the size cannot hold the alphabet
-    config = read_student_config(student_config_path, max_len) if student_config_path else None
+    # fail early when the size cannot hold the alphabet
+    final_vocab(specials, alphabet, [], params.vocab_size)
+    config = (read_student_config(params.student_config_path, params.max_len)
+              if params.student_config_path else None)
 
     model = Tokenizer(models.WordPiece(unk_token=wp["unk_token"], continuing_subword_prefix=CONT_PREFIX,
                                        max_input_chars_per_word=wp["max_input_chars_per_word"]))
     model.normalizer = backend.normalizer
     model.pre_tokenizer = backend.pre_tokenizer
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, limit_alphabet=len(alphabet),
-        initial_alphabet=alphabet, continuing_subword_prefix=CONT_PREFIX, show_progress=False,
+        vocab_size=params.vocab_size, min_frequency=params.min_frequency, special_tokens=specials,
+        limit_alphabet=len(alphabet), initial_alphabet=alphabet, continuing_subword_prefix=CONT_PREFIX,
+        show_progress=False,
     )
-    lines = (line for block in iter_corpus(corpus, max_bad_frac=max_bad_frac) for line in block)
+    lines = (line for block in iter_corpus(params.corpus, max_bad_frac=params.max_bad_frac) for line in block)
     model.train_from_iterator(lines, trainer=trainer)
     learned_map = model.get_vocab()
     learned = sorted(learned_map, key=learned_map.__getitem__)
-    vocab = final_vocab(specials, alphabet, learned, vocab_size)
+    vocab = final_vocab(specials, alphabet, learned, params.vocab_size)
 
-    student = build_student_tokenizer(teacher, vocab, max_len)
+    student = build_student_tokenizer(teacher, vocab, params.max_len)
     stats = {
-        "vocab_size": len(vocab), "requested_vocab_size": vocab_size, "alphabet_size": len(alphabet),
-        "char_coverage": char_coverage, "distinct_chars": len(counts), "corpus_lines": corpus_stats.lines,
-        "undecodable_lines": corpus_stats.undecodable,
+        "vocab_size": len(vocab), "requested_vocab_size": params.vocab_size, "alphabet_size": len(alphabet),
+        "char_coverage": params.char_coverage, "distinct_chars": len(counts),
+        "corpus_lines": corpus_stats.lines, "undecodable_lines": corpus_stats.undecodable,
     }
     return publish_student(out_dir, student, config, stats)
 
@@ -223,8 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    stats = train(a.teacher_name, a.corpus, a.vocab_size, a.out, a.char_coverage, a.min_frequency,
-                  a.student_config, a.max_len, a.max_bad_frac, a.force)
+    params = ReducedTokParams(
+        teacher_name=a.teacher_name, corpus=a.corpus, vocab_size=a.vocab_size, out=a.out,
+        char_coverage=a.char_coverage, min_frequency=a.min_frequency, student_config_path=a.student_config,
+        max_len=a.max_len, max_bad_frac=a.max_bad_frac, force=a.force,
+    )
+    stats = train(params)
     print(json.dumps(stats, ensure_ascii=False))
     return 0
 

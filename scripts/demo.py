@@ -241,10 +241,8 @@ class Demo:
                 "--max_len", s.max_len, "--n_shards", 2)
 
     def _train_student(self, dump: Path, flags: list[str]) -> None:
-        s, p = self.setup, self.out / "pipeline"
-        self.sh(ROOT / "train_multi_gpu.sh", "--dump_path", dump, "--force",
-                "--binarized_data_folder", p / "processed_binarized", "--student_name", p / "student",
-                "--student_pretrained_weights", p / "student_init", "--student_token_counts", p / "student_counts.npy",
+        s = self.setup
+        self.sh(ROOT / "train_multi_gpu.sh", "--dump_path", dump, "--force", "--pipeline_dir", self.out / "pipeline",
                 "--batch_size", s.batch_size // 2, "--gradient_accumulation_steps", 1, "--learning_rate", "1e-3",
                 "--warmup_prop", "0.05", "--max_steps", s.kd_steps, "--n_epoch", 100, "--valid_prop", "0.01",
                 "--checkpoint_interval", max(50, s.kd_steps // 4), "--log_interval", 20,
@@ -252,10 +250,7 @@ class Demo:
                 env={"N_GPU_NODE": "2", "OMP_NUM_THREADS": str(max(1, self.a.threads // 2)), "PYTHON": self.py})
 
     def distil(self) -> None:
-        p = self.out / "pipeline"
-        self._train_student(self.out / "student_kd", ["--teacher_name", self.teacher_dir,
-                                                      "--matching_ids", p / "matched_vocab.json",
-                                                      *self.setup.kd_flags])
+        self._train_student(self.out / "student_kd", ["--teacher_name", self.teacher_dir, *self.setup.kd_flags])
 
     def baseline(self) -> None:
         self._train_student(self.out / "student_baseline", ["--alpha_mlm", "1.0"])

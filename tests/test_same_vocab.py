@@ -135,7 +135,7 @@ def test_init_weights_fine_tuning_mode(tmp_path, same_vocab_out, teacher_dir):
 
     from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-    from init_weights import run
+    from init_weights import InitParams, run
 
     fine_tuned = tmp_path / "fine_tuned"
     shutil.copytree(teacher_dir, fine_tuned)
@@ -143,7 +143,8 @@ def test_init_weights_fine_tuning_mode(tmp_path, same_vocab_out, teacher_dir):
     torch.manual_seed(1)
     teacher = BertForSequenceClassification.from_pretrained(str(teacher_dir), num_labels=3)
     teacher.save_pretrained(str(fine_tuned))
-    stats = run(str(fine_tuned), str(same_vocab_out / "student"), str(tmp_path / "init"), strategy="select")
+    stats = run(InitParams(str(fine_tuned), str(same_vocab_out / "student"), str(tmp_path / "init"),
+                           strategy="select"))
     assert stats["mode"] == "fine-tuning"
     student = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "init"))
     assert student.config.num_labels == 3 and type(student).__name__ == "DistilBertForSequenceClassification"
