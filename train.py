@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("losses")
     g.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
-    g.add_argument("--alpha_ce", type=float, default=0.0, help="weight of the KL (distillation) loss")
-    g.add_argument("--alpha_mlm", type=float, default=0.0, help="weight of the student's own MLM loss")
+    g.add_argument("--alpha_ce", type=float,
+                   help="weight of the KL (distillation) loss (default: 2.0, the paper's, with --teacher_name; 0 without)")
+    g.add_argument("--alpha_mlm", type=float,
+                   help="weight of the student's own MLM loss (default: 0.5, the paper's, with --teacher_name; 1.0 "
+                   "without)")
     g.add_argument("--mlm_mask_prop", type=float, default=0.15, help="share of student tokens to predict")
     g.add_argument("--word_mask", type=float, default=0.8, help="share of targets replaced by [MASK]")
     g.add_argument("--word_keep", type=float, default=0.1, help="share of targets kept")

@@ -155,7 +155,7 @@ class TrainConfig:
     @classmethod
     def from_namespace(cls, a: argparse.Namespace, shared_vocab: bool = False) -> TrainConfig:
         """The configuration of a parsed command line as it stands (no file is read, nothing is checked)."""
-        losses = LossConfig(a.temperature, a.alpha_ce, a.alpha_mlm, a.alpha_mse, a.alpha_cos, a.alpha_contrastive)
+        losses = LossConfig(a.temperature, *default_alphas(a), a.alpha_mse, a.alpha_cos, a.alpha_contrastive)
         return cls(
             output=OutputConfig(Path(a.dump_path), a.force, a.tensorboard_logs_path, a.tensorboard_log_name,
                                 a.log_interval, a.checkpoint_interval, a.load_from_checkpoint),
@@ -236,6 +236,16 @@ class TrainConfig:
                 raise UserError(f"--{flag} {getattr(self.data, flag)} is not a directory")
 
 
+TEACHER_ALPHAS = (2.0, 0.5)
+"""(alpha_ce, alpha_mlm) when a teacher is given and the command line leaves them out: the paper's weights."""
+
+
+def default_alphas(a: argparse.Namespace) -> tuple[float, float]:
+    """(alpha_ce, alpha_mlm): the given values, else the paper's with a teacher and MLM alone (1.0) without."""
+    ce, mlm = TEACHER_ALPHAS if a.teacher_name else (0.0, 1.0)
+    return (ce if a.alpha_ce is None else a.alpha_ce), (mlm if a.alpha_mlm is None else a.alpha_mlm)
+
+
 def check_hidden_args(a: argparse.Namespace) -> None:
     """One-line errors for inconsistent hidden-state and hyperbolic options (`hidden_args.validate_hidden_losses`
     once a hidden-state loss is on)."""
@@ -270,9 +280,10 @@ def fill_from_pipeline(a: argparse.Namespace) -> None:
     `run_pipeline.py` output `a.pipeline_dir` (its `manifest.json` says which steps finished). An artifact that the
     run needs but the pipeline did not make is a one-line error naming the step that makes it."""
     pipe = PipelineDir(a.pipeline_dir)
-    kl, hidden = a.alpha_ce > 0, a.alpha_mse + a.alpha_cos + a.alpha_contrastive > 0
+    alpha_ce, alpha_mlm = default_alphas(a)
+    kl, hidden = alpha_ce > 0, a.alpha_mse + a.alpha_cos + a.alpha_contrastive > 0
     wanted = ["binarized_data_folder", "student_name", "student_pretrained_weights"]
-    if a.alpha_mlm > 0:
+    if alpha_mlm > 0:
         wanted.append("student_token_counts")
     if kl or hidden:
         student = a.student_name or pipe.path("student_name")

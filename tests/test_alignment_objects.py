@@ -108,6 +108,20 @@ def test_pipeline_dir_fills_every_artifact(tmp_path, pipeline_out, teacher_dir, 
     assert json.loads((dump / "train_summary.json").read_text())["global_step"] == 2
 
 
+def test_four_flags_distil_with_the_papers_weights(tmp_path, pipeline_out, teacher_dir):
+    """`train.py --pipeline_dir P --teacher_name T --align_logits match --dump_path D` and nothing else."""
+    dump = tmp_path / "dump"
+    argv = ["--pipeline_dir", str(pipeline_out), "--teacher_name", str(teacher_dir), "--align_logits", "match",
+            "--dump_path", str(dump)]
+    assert run_train(argv) == 0
+    params = json.loads((dump / "parameters.json").read_text())
+    assert (params["losses"]["alpha_ce"], params["losses"]["alpha_mlm"], params["losses"]["temperature"]) == (2.0, 0.5,
+                                                                                                              2.0)
+    summary = json.loads((dump / "train_summary.json").read_text())
+    assert summary["global_step"] > 0 and len(summary["history"]) >= 3  # a validation after every epoch
+    assert (dump / "model.safetensors").is_file()
+
+
 def test_pipeline_dir_my_index_logs_its_approximation_once(tmp_path, pipeline_out, teacher_dir):
     dump = tmp_path / "dump"
     argv = ["--pipeline_dir", str(pipeline_out), "--teacher_name", str(teacher_dir), "--alpha_ce", "1",

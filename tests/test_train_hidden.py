@@ -28,8 +28,9 @@ def _configs(out: Path, teacher: Path) -> dict[str, list[str]]:
             "--alpha_contrastive", "0.1", "--projection_strategy", "weighted_average_by_layers", "--project_to",
             "intermediate", "--intermediate_dim", "16", "--average_hiddens"],
         "mlm_and_pool_and_project": [
-            "--teacher_name", str(teacher), "--alpha_mlm", "1", "--alpha_contrastive", "0.1", "--projection_strategy",
-            "pool_and_project", "--project_to", "student", "--negative_sampling_strategy", "teacher"],
+            "--teacher_name", str(teacher), "--alpha_ce", "0", "--alpha_mlm", "1", "--alpha_contrastive", "0.1",
+            "--projection_strategy", "pool_and_project", "--project_to", "student", "--negative_sampling_strategy",
+            "teacher"],
     }
 
 
@@ -133,7 +134,7 @@ def test_flat_and_trailing_subcommand_parsing(pipeline_out):
 def test_hidden_bad_flags(tmp_path, pipeline_out, teacher_dir, capsys):
     dump = tmp_path / "dump"
     base = train_argv(pipeline_out, dump, "--max_steps", "1", *FAST)
-    teacher = ["--teacher_name", str(teacher_dir), "--alpha_mlm", "1"]
+    teacher = ["--teacher_name", str(teacher_dir), "--alpha_ce", "0", "--alpha_mlm", "1"]
     cases = [
         ([*base, "--alpha_mlm", "1", "--alpha_mse", "0.1"], "need a teacher"),
         ([*base, *teacher, "--alpha_mse", "1", "hyperbolic"], "set --alpha_contrastive"),
