@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch train.py with torchrun: one process per GPU, or CPU processes (gloo) when there is no GPU.
 #
-#   ./train_multi_gpu.sh [train.py arguments]
+#   ./train_multi_gpu.sh [train.py arguments]     e.g. --pipeline_dir OUT --teacher_name T --align_logits match --dump_path D
 #
 # Environment (all optional):
 #   N_GPU_NODE   processes per node (default: the visible GPUs, or 2 CPU processes without a GPU)
