@@ -71,7 +71,8 @@ class _KLDiv(torch.autograd.Function):
     backward."""
 
     @staticmethod
-    def forward(ctx, teacher: Tensor, student: Tensor, temperature: float | Tensor, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, teacher: Tensor, student: Tensor, temperature: float | Tensor, dtype: torch.dtype,
+                teacher_log_probs: bool = False) -> Tensor:
         temp = temperature.detach().to(dtype) if isinstance(temperature, Tensor) else temperature
         n, c = student.shape
         device = student.device
@@ -84,7 +85,10 @@ class _KLDiv(torch.autograd.Function):
         for start in range(0, n, rows):
             block = slice(start, min(start + rows, n))
             scaled, log_p = work[0, :block.stop - start], work[1, :block.stop - start]
-            torch.log_softmax(_divide(teacher[block], temp, scaled), -1, out=log_p).clamp_min_(floor)
+            if teacher_log_probs:  # log p given (a cached distribution at T)
+                log_p.copy_(teacher[block]).clamp_min_(floor)
+            else:
+                torch.log_softmax(_divide(teacher[block], temp, scaled), -1, out=log_p).clamp_min_(floor)
             log_q = torch.log_softmax(_divide(student[block], temp, scaled), -1, out=q_minus_p[block])
             p = torch.exp(log_p, out=scaled)
             if t_term is not None:
@@ -98,12 +102,12 @@ class _KLDiv(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[None, Tensor | None, Tensor | None, None]:
+    def backward(ctx, grad_out: Tensor) -> tuple[None, Tensor | None, Tensor | None, None, None]:
         q_minus_p, t_factor = ctx.saved_tensors
         scale = grad_out * (ctx.temp / ctx.n)
         grad_student = torch.mul(q_minus_p, scale).to(ctx.student_dtype) if ctx.needs_input_grad[1] else None
         grad_temperature = None if t_factor is None else (scale * t_factor).to(ctx.temperature_dtype)
-        return None, grad_student, grad_temperature, None
+        return None, grad_student, grad_temperature, None, None
 
 
 def kl_div_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: float | Tensor) -> Tensor:
@@ -125,6 +129,67 @@ def kl_div_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: flo
     if student_logits.shape[0] == 0:
         return _connected_zero(student_logits)
     return _KLDiv.apply(teacher_logits.detach(), student_logits, temperature, _loss_dtype(student_logits.dtype))
+
+
+def kl_div_from_log_probs(teacher_log_probs: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """`kl_div_loss` against a stored teacher distribution: T^2 * mean over rows of KL(p || softmax(student / T)).
+
+    teacher_log_probs: float [N, C], log p = log_softmax(teacher / T) computed beforehand (a teacher cache's `exact`
+    encoding); student_logits: float [N, C]; temperature: the T that p was computed at (a fixed float).
+    The same computation and gradient as `kl_div_loss` from the point where the teacher's log-probabilities
+    exist: equal to it when the stored values are fp32."""
+    if teacher_log_probs.shape != student_logits.shape:
+        raise ValueError(f"teacher {tuple(teacher_log_probs.shape)} and student {tuple(student_logits.shape)} differ "
+                         "in shape")
+    if student_logits.shape[0] == 0:
+        return _connected_zero(student_logits)
+    return _KLDiv.apply(teacher_log_probs.detach(), student_logits, float(temperature),
+                        _loss_dtype(student_logits.dtype), True)
+
+
+def kl_div_top_k(columns: Tensor, probs: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * mean over rows of the KL between two distributions over K + 1 classes: the teacher's K largest
+    probabilities plus one tail class holding the rest of its mass, and the student's probabilities of the same
+    K columns plus the student's own remaining mass. Biased (the tail's inner shape is lost); equal to the full
+    KL when K covers every column.
+
+    columns: int64 [N, K] column indices into the student's C columns; probs: float [N, K] the teacher's
+    probabilities at T of those columns; student_logits: float [N, C]. Returns a 0-dim fp32 (fp64) tensor."""
+    if student_logits.shape[0] == 0:
+        return _connected_zero(student_logits)
+    dtype = _loss_dtype(student_logits.dtype)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    log_q_top = log_q.gather(1, columns.long())
+    p_top = probs.detach().to(dtype)
+    p_tail = (1 - p_top.sum(-1)).clamp_min(0)
+    log_q_tail = torch.log1p(-log_q_top.exp().sum(-1).clamp(max=1 - torch.finfo(dtype).eps))
+    floor = torch.finfo(dtype).min
+    top = torch.xlogy(p_top, p_top) - p_top * log_q_top
+    tail = torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail.clamp_min(floor)
+    return (top.sum(-1) + tail).mean() * temperature ** 2
+
+
+def kl_div_sampled(columns: Tensor, counts: Tensor | None, entropy: Tensor, student_logits: Tensor,
+                   temperature: float) -> Tensor:
+    """Unbiased estimate of `kl_div_loss` from K draws of the teacher distribution ("random sampling KD",
+    Anshumann et al., ACL 2025, with the teacher itself as the proposal, so every draw weighs 1 / K):
+    T^2 * mean over rows of (-sum_k (c_k / K) log q(v_k) - H(p)), q = softmax(student / T).
+
+    columns: int64 [N, S] the drawn columns; counts: int [N, S] how often each was drawn (sum K per row; padding
+    slots 0), or None when `columns` lists the K draws themselves (each weighs 1 / K); entropy: float [N] the teacher's entropy H(p) at T (so the value estimates the
+    KL itself); student_logits: float [N, C]. Its gradient T / N * (q - c / K) has the exact KL gradient
+    T / N * (q - p) as its expectation."""
+    if student_logits.shape[0] == 0:
+        return _connected_zero(student_logits)
+    dtype = _loss_dtype(student_logits.dtype)
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    picked = log_q.gather(1, columns.long())
+    if counts is None:
+        cross = -picked.mean(-1)
+    else:
+        weights = counts.to(dtype)
+        cross = -(weights / weights.sum(-1, keepdim=True) * picked).sum(-1)
+    return (cross - entropy.to(dtype)).mean() * temperature ** 2
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from kdcore.config import TrainConfig
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_write_json, staged_dir, temp_sibling
 from kdcore.step_runner import StudentRunner, combine_losses, teacher_forward
+from kdcore.teacher_cache import CachedTeacher
 from kdcore.trainer_core import (
     LrSchedule,
     PlateauScaler,
@@ -91,6 +92,8 @@ class Distiller:
         self.token_probs = token_probs
         opt = cfg.optim
         self.precision = opt.precision
+        self.teacher_precision = opt.teacher_precision or opt.precision
+        self.cache_encoding = collator.cache_encoding  # teacher-cache rows come with the batches (None: online)
         self.scaler = grad_scaler(self.device, opt.precision)
         self.optimizer = build_optimizer(self.runner.named_parameters(), opt.learning_rate, opt.weight_decay,
                                          opt.adam_epsilon, opt.betas)
@@ -136,21 +139,32 @@ class Distiller:
 
     # ----- one step -----------------------------------------------------------------------------------
     def _teacher(self, batch: dict[str, torch.Tensor], masked: torch.Tensor, labels: torch.Tensor):
-        """One teacher pass for the KL and the hidden-state terms: (logits or None, hidden states or None)."""
-        if self.teacher is None or (self.kl is None and self.hidden is None):
-            return None, None
-        return teacher_forward(self.teacher, batch, self.kl, masked, labels, hidden_states=self.hidden is not None,
-                               reads_student_ids=self.teacher_reads_student_ids)
+        """The teacher's side of the KL and the hidden-state terms: (logits, or the batch's cached rows
+        (`CachedTeacher`), or None; hidden states or None). The teacher model runs only for what the cache does not
+        serve."""
+        cached = None
+        if self.cache_encoding is not None and self.kl is not None:
+            cached = CachedTeacher(self.cache_encoding, {key.removeprefix("cache."): value
+                                                         for key, value in batch.items() if key.startswith("cache.")})
+        if self.teacher is None or (self.kl is None and self.hidden is None) or (cached and self.hidden is None):
+            return cached, None
+        logits, states = teacher_forward(self.teacher, batch, None if cached else self.kl, masked, labels,
+                                         hidden_states=self.hidden is not None,
+                                         reads_student_ids=self.teacher_reads_student_ids)
+        return (cached or logits), states
 
     def _losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
         masked, labels = self._mask(batch, generator)
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.teacher_precision):
             t_logits, t_states = self._teacher(batch, masked, labels)
+        with autocast(self.device, self.precision):
             student_out = self.model(batch, masked, labels, t_states)
-        if t_logits is not None and t_logits.shape[0] != student_out["kl_student"].shape[0]:
-            raise UserError(f"{t_logits.shape[0]} teacher rows but {student_out['kl_student'].shape[0]} student rows "
-                            "are aligned in a batch: the match masks of the shards are inconsistent; re-run "
-                            "find_matching_ids.py")
+        if t_logits is not None:
+            n_teacher = t_logits.shape[0] if isinstance(t_logits, torch.Tensor) else t_logits.n_rows
+            if n_teacher != student_out["kl_student"].shape[0]:
+                raise UserError(f"{n_teacher} teacher rows but {student_out['kl_student'].shape[0]} student rows are "
+                                "aligned in a batch: the match masks of the shards (or the teacher cache) are "
+                                "inconsistent; re-run find_matching_ids.py (or cache_teacher.py)")
         return combine_losses(student_out, t_logits, self.kl, self.cfg.losses.weights)
 
     def _set_lr(self) -> float:
@@ -248,8 +262,9 @@ class Distiller:
         for start in range(0, len(order), batch_size):
             batch = self._batch(self.valid_data, order[start:start + batch_size])
             masked, labels = self._mask(batch, generator)
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.teacher_precision):
                 t_logits, t_states = self._teacher(batch, masked, labels)
+            with autocast(self.device, self.precision):
                 out = self.runner(batch, masked, labels, t_states)
             total, _ = combine_losses(out, t_logits, self.kl, self.cfg.losses.weights)
             sums += torch.tensor([float(total), 1.0], dtype=torch.float64, device=self.device)

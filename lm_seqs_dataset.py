@@ -19,7 +19,8 @@ from kdcore.shard_io import Shard, ragged_take, segment_ids
 
 @dataclass
 class RawBatch:
-    """Flat (ragged) arrays of one batch, in batch order."""
+    """Flat (ragged) arrays of one batch, in batch order; `cache`: the teacher-cache rows of its sequences
+    ({array: [R, w]}, `kdcore.teacher_cache`), when the dataset has a cache."""
 
     t_ids: np.ndarray
     t_lengths: np.ndarray
@@ -27,15 +28,17 @@ class RawBatch:
     s_lengths: np.ndarray
     t_match: np.ndarray | None
     s_match: np.ndarray | None
+    cache: dict[str, np.ndarray] | None = None
 
 
 class LmSeqsDataset:
     """The train or validation part of a list of shards; items are addressed by a global index."""
 
-    def __init__(self, shards: list[Shard], valid_prop: float, split: str):
+    def __init__(self, shards: list[Shard], valid_prop: float, split: str, cache: list | None = None):
+        """cache: one `teacher_cache.CacheShard` per shard (its rows are gathered with the sequences), or None."""
         if split not in ("train", "valid"):
             raise ValueError(f"split must be train or valid, not {split}")
-        self.shards = shards
+        self.shards, self.cache = shards, cache
         self.ranges = []
         for shard in shards:
             n_valid = math.ceil(valid_prop * len(shard)) if valid_prop > 0 else 0
@@ -63,8 +66,11 @@ class LmSeqsDataset:
         indices = np.asarray(indices, dtype=np.int64)
         which, local = self._locate(indices)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("t", "tl", "s", "sl", "tm", "sm")}
+        cached: list[dict[str, np.ndarray]] = []
         for k in np.unique(which):
             shard, sel = self.shards[k], local[which == k]
+            if self.cache is not None:
+                cached.append(self.cache[k].take(sel))
             for side, ids_key, len_key, match_key in (("teacher", "t", "tl", "tm"), ("student", "s", "sl", "sm")):
                 ids, lengths = ragged_take(shard.ids[side], shard.offsets[side], sel)
                 parts[ids_key].append(ids)
@@ -72,7 +78,8 @@ class LmSeqsDataset:
                 if self.has_match:
                     parts[match_key].append(ragged_take(shard.match[side], shard.offsets[side], sel)[0])
         cat = {k: np.concatenate(v) if v else None for k, v in parts.items()}
-        return RawBatch(cat["t"], cat["tl"], cat["s"], cat["sl"], cat["tm"], cat["sm"])
+        cache = {name: np.concatenate([c[name] for c in cached]) for name in cached[0]} if cached else None
+        return RawBatch(cat["t"], cat["tl"], cat["s"], cat["sl"], cat["tm"], cat["sm"], cache)
 
 
 def pad_ragged(flat: np.ndarray, lengths: np.ndarray, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +104,16 @@ class Collator:
     - `t_match`, `s_match`: bool [B, Lt], [B, Ls] matched positions (when the shards have them);
     - `t2s_ids`, `t2s_mask`: int64/bool [B, L2] the teacher tokens' student splits, concatenated;
       `t2s_segment`: int64 [B, L2], for every piece the index of its teacher token among the real teacher
-      positions of the batch in row-major order (`t_ids[t_mask]`), -1 at padding.
+      positions of the batch in row-major order (`t_ids[t_mask]`), -1 at padding;
+    - `cache.<array>`: the teacher-cache rows of the batch (R rows, in the row-major order of the teacher
+      positions the alignment reads), as `cache_encoding.to_tensors` makes them, when the batch carries them.
     """
 
-    def __init__(self, t_pad_id: int, s_pad_id: int, t2s_padded: np.ndarray | None = None, n_student: int = 0):
+    def __init__(self, t_pad_id: int, s_pad_id: int, t2s_padded: np.ndarray | None = None, n_student: int = 0,
+                 cache_encoding=None):
         self.t_pad_id, self.s_pad_id = t_pad_id, s_pad_id
         self.t2s_padded, self.n_student = t2s_padded, n_student
+        self.cache_encoding = cache_encoding
         if t2s_padded is not None:
             self.n_pieces = (t2s_padded != n_student).sum(axis=1)
 
@@ -124,4 +135,6 @@ class Collator:
                                       minlength=len(raw.t_lengths)).astype(np.int64)
             batch["t2s_ids"], batch["t2s_mask"] = pad_ragged(piece_ids, t2s_lengths, self.s_pad_id)
             batch["t2s_segment"] = pad_ragged(token_of_piece, t2s_lengths, -1)[0]
+        if raw.cache is not None and self.cache_encoding is not None:
+            batch.update({f"cache.{name}": value for name, value in self.cache_encoding.to_tensors(raw.cache).items()})
         return batch

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student_name", help="student directory with config.json and tokenizer (OUT/student)")
     g.add_argument("--student_pretrained_weights", help="initial student: HF directory or state-dict file")
     g.add_argument("--teacher_name", help="teacher BertForMaskedLM directory (omit for MLM-only training)")
+    g.add_argument("--teacher_cache", help="a preprocessing/cache_teacher.py cache: the KL term reads the teacher's "
+                   "stored distributions instead of running the teacher (which is then loaded only for hidden-state "
+                   "losses); it must match the teacher, shards, alignment and temperature")
     g.add_argument("--student_token_counts", help="student_counts.npy (MLM masking probabilities)")
 
     g = p.add_argument_group("losses")
@@ -117,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    g.add_argument("--teacher_precision", choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision of the frozen teacher's forward (default: --precision)")
     add_hidden_arguments(p)
     return p
 
@@ -226,6 +231,25 @@ def precompute_curvature(cfg: TrainConfig, hidden, teacher, student, data, colla
                          dist_info.distributed)
 
 
+def open_teacher_cache(cfg: TrainConfig, plan, shards: list, fingerprints: dict[str, str]):
+    """The run's teacher cache, opened and checked against its teacher, shards, alignment and temperature."""
+    from kdcore.teacher_cache import (
+        TeacherCache,
+        columns_fingerprint,
+        shards_fingerprint,
+        teacher_weights_fingerprint,
+    )
+
+    cache = TeacherCache.open(cfg.data.teacher_cache)
+    kl = plan.kl
+    n_columns = cache.header["alignment"]["n_columns"]
+    cache.check({"alignment": kl.name, "columns": columns_fingerprint(kl.teacher_columns, n_columns),
+                 "temperature": cfg.losses.temperature, "teacher_tokenizer": fingerprints["teacher"],
+                 "teacher_weights": teacher_weights_fingerprint(cfg.data.teacher_name),
+                 "shards": shards_fingerprint(cfg.data.binarized_data_folder)})
+    return cache
+
+
 def run(a: argparse.Namespace) -> int:
     """Build everything and train, in every process of a torchrun job; returns 0. A process that fails raises and
     leaves the process group joined: `end_process` then exits without a collective tear-down."""
@@ -281,8 +305,10 @@ def train_process(cfg: TrainConfig, dist_info) -> None:
         n_teacher = index["teacher_vocab_size"]
         plan = cfg.alignments(Vocabularies(n_teacher, n_student, fingerprints))
         shards = assign_shards(open_shards(d.binarized_data_folder), dist_info.rank, dist_info.world_size)
-        train_data = LmSeqsDataset(shards, d.valid_prop, "train")
-        valid_data = LmSeqsDataset(shards, d.valid_prop, "valid")
+        cache = open_teacher_cache(cfg, plan, shards, fingerprints) if d.teacher_cache else None
+        cache_rows = [cache.check_rows(s, plan.kl.positions.teacher_row_flags(s)) for s in shards] if cache else None
+        train_data = LmSeqsDataset(shards, d.valid_prop, "train", cache_rows)
+        valid_data = LmSeqsDataset(shards, d.valid_prop, "valid", cache_rows)
         if not train_data.has_match:
             if plan.kl is not None and plan.kl.positions.needs_match_masks:
                 raise UserError(f"--align_logits {plan.kl.name} needs match masks in {d.binarized_data_folder}; run "
@@ -296,7 +322,8 @@ def train_process(cfg: TrainConfig, dist_info) -> None:
         freeze_embeddings(student, d.freeze_pos_embs, d.freeze_token_type_embds)
         if student.config.vocab_size != n_student:
             raise UserError(f"student config vocab_size {student.config.vocab_size} != tokenizer size {n_student}")
-        teacher = load_teacher(d.teacher_name) if d.teacher_name else None
+        needs_teacher = cfg.losses.hidden or (cfg.losses.kl and cache is None)
+        teacher = load_teacher(d.teacher_name) if d.teacher_name and needs_teacher else None
         if teacher is not None and teacher.config.vocab_size != n_teacher:
             raise UserError(f"teacher vocab_size {teacher.config.vocab_size} != the shards' teacher vocabulary "
                             f"{n_teacher}")
@@ -306,7 +333,8 @@ def train_process(cfg: TrainConfig, dist_info) -> None:
             counts = load_counts(d.student_token_counts, n_student) if d.student_token_counts else np.ones(n_student)
             token_probs = mlm_token_probs(counts, cfg.mlm.smoothing, sorted({int(i) for i in s_tok.all_special_ids}))
         t_pad = t_tok.pad_token_id if t_tok is not None else 0
-        collator = Collator(t_pad, s_special["pad"], plan.t2s_input, n_student)
+        collator = Collator(t_pad, s_special["pad"], plan.t2s_input, n_student,
+                            cache.encoding if cache is not None else None)
         hidden = None
         if cfg.hidden is not None:
             hidden_cfg = cfg.hidden
@@ -334,6 +362,13 @@ def train_process(cfg: TrainConfig, dist_info) -> None:
             approximation = plan.kl.approximation() if plan.kl is not None else None
             if approximation:
                 logger.warning(f"approximation: {approximation}")
+            if cache is not None:
+                enc = cache.encoding
+                logger.info(f"teacher cache {d.teacher_cache}: {enc.name} encoding (k {enc.k}, {enc.dtype}), "
+                            f"{enc.bytes_per_row()} bytes per row; teacher model "
+                            f"{'loaded for the hidden-state losses' if teacher is not None else 'not loaded'}")
+                if enc.approximation:
+                    logger.warning(f"approximation: the KL reads a {enc.name} cache ({enc.approximation})")
             if hidden is not None:
                 logger.info(f"hidden-state losses {', '.join(hidden.cfg.losses)}: align {plan.hidden.name}, "
                             f"{hidden.cfg.strategy} ({hidden.selector.n_pairs} layer pairs), project to "

@@ -144,6 +144,12 @@ class Positions:
         """(teacher bool [B, Lt], student bool [B, Ls]) real positions that pair with nothing, where there are."""
         return None
 
+    def teacher_row_flags(self, shard) -> np.ndarray:
+        """bool [teacher tokens of the shard]: the flat teacher positions this alignment reads (a teacher cache
+        stores one row per True, in order). Only for alignments whose teacher reads its own tokens."""
+        raise ValueError(f"the {self.name} alignment's teacher reads the student's masked ids, which change every "
+                         "step: its outputs cannot be cached")
+
 class MatchPositions(Positions):
     """Teacher and student positions holding the same token over the same text span, paired in row-major order."""
 
@@ -160,6 +166,11 @@ class MatchPositions(Positions):
 
     def unaligned(self, batch):
         return batch["t_mask"] & ~batch["t_match"], batch["s_mask"] & ~batch["s_match"]
+
+    def teacher_row_flags(self, shard):
+        if shard.match is None:
+            raise ValueError(f"shard {shard.dir} has no match masks (pipeline step 9)")
+        return np.asarray(shard.match["teacher"], dtype=bool)
 
 
 class ReducePositions(Positions):
@@ -180,6 +191,9 @@ class ReducePositions(Positions):
 
     def pool(self, rows, batch):
         return reduce_pool(rows, batch["t2s_segment"][batch["t2s_mask"]], int(batch["t_mask"].sum()), self.pooling)
+
+    def teacher_row_flags(self, shard):
+        return np.ones(shard.ids["teacher"].size, dtype=bool)
 
 
 class SharedPositions(Positions):

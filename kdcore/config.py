@@ -55,6 +55,7 @@ class DataConfig:
     group_by_size: bool = True
     freeze_pos_embs: bool = False
     freeze_token_type_embds: bool = False
+    teacher_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class OptimConfig:
     reduce_factor: float = 0.5
     gradient_accumulation_steps: int = 50
     precision: str = "fp32"
+    teacher_precision: str | None = None  # the frozen teacher's autocast (None: as `precision`)
 
 
 @dataclass(frozen=True)
@@ -161,12 +163,13 @@ class TrainConfig:
                                 a.log_interval, a.checkpoint_interval, a.load_from_checkpoint),
             data=DataConfig(a.binarized_data_folder, a.student_name, a.student_pretrained_weights, a.teacher_name,
                             a.student_token_counts, a.valid_prop, a.batch_size, a.group_by_size, a.freeze_pos_embs,
-                            a.freeze_token_type_embds),
+                            a.freeze_token_type_embds, a.teacher_cache),
             losses=losses,
             mlm=MlmConfig(a.mlm_mask_prop, a.word_mask, a.word_keep, a.word_rand, a.mlm_smoothing),
             alignment=alignment_config(a),
             optim=OptimConfig(a.learning_rate, a.weight_decay, a.adam_epsilon, (0.9, 0.98), a.max_grad_norm,
-                              a.warmup_prop, a.reduce_factor, a.gradient_accumulation_steps, a.precision),
+                              a.warmup_prop, a.reduce_factor, a.gradient_accumulation_steps, a.precision,
+                              a.teacher_precision),
             loop=LoopConfig(a.n_epoch, a.max_steps, a.valid_epochs_patience, a.seed, a.device),
             hidden=hidden_config(a, None) if losses.hidden else None,
             add_neg_size_constant=a.add_neg_size_constant,
@@ -188,6 +191,9 @@ class TrainConfig:
         shared = bool(cfg.data.teacher_name) and shared_vocabulary(cfg.data.teacher_name, cfg.data.student_name)
         cfg = dataclasses.replace(cfg, shared_vocab=shared)
         check_artifact_flags(cfg.alignment, cfg.losses.kl, cfg.losses.hidden, shared)
+        if cfg.data.teacher_cache and shared:
+            raise UserError("--teacher_cache needs different vocabularies: with one vocabulary the teacher reads the "
+                            "student's masked ids, which change every step")
         if cfg.losses.hidden and a.alpha_contrastive > 0 and a.use_mismatched_ids:
             positions = hidden_positions_class(cfg.alignment, shared)
             if not positions.has_unaligned_rows or a.projection_strategy == "pool_and_project":
@@ -213,6 +219,8 @@ class TrainConfig:
             raise UserError("--alpha_ce > 0 needs a teacher: pass --teacher_name")
         if w.hidden and not self.data.teacher_name:
             raise UserError("the hidden-state losses need a teacher: pass --teacher_name")
+        if self.data.teacher_cache and not w.kl:
+            raise UserError("--teacher_cache serves the KL term; set --alpha_ce > 0 or drop the cache")
         if self.data.teacher_name and not (w.kl or w.hidden):
             raise UserError("--teacher_name is given but --alpha_ce is 0; set --alpha_ce (or a hidden-state loss) or "
                             "drop the teacher")

@@ -66,16 +66,21 @@ class NpyStreamWriter:
         self._fh.close()
 
 
-def ragged_take(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Select sequences `idx` of a ragged array: (their tokens concatenated, their lengths). Vectorised."""
+def ragged_indices(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 positions of the elements of sequences `idx` of a ragged array with `offsets`, in that order; their
+    lengths). Vectorised."""
     idx = np.asarray(idx, dtype=np.int64)
     starts = offsets[idx]
     lengths = offsets[idx + 1] - starts
     total = int(lengths.sum())
-    if total == 0:
-        return flat[:0].copy(), lengths
     shift = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return flat[np.arange(total, dtype=np.int64) + shift], lengths
+    return np.arange(total, dtype=np.int64) + shift, lengths
+
+
+def ragged_take(flat: np.ndarray, offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Select sequences `idx` of a ragged array: (their tokens concatenated, their lengths). Vectorised."""
+    positions, lengths = ragged_indices(offsets, idx)
+    return (flat[positions] if positions.size else flat[:0].copy()), lengths
 
 
 def segment_ids(lengths: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@
 
 Order (the step numbers): 1 train_reduced_tok, 2 teacher_tokens_split, 3 encode_shards, 4 prepare_lm_seqs,
 5 regroup_binarized, 6 token_counts, 7 student2teacher (needs the teacher counts), 8 init_weights,
-9 find_matching_ids, 10 matched_vocab. `OUT/manifest.json` records every step's parameters, inputs,
+9 find_matching_ids, 10 matched_vocab, and with `--cache_teacher ALIGN` 11 cache_teacher (the teacher-output cache
+in OUT/teacher_cache). `OUT/manifest.json` records every step's parameters, inputs,
 statistics and a run id; a step is skipped when its signature (its parameters, the fingerprints of its
 external inputs and the run ids of the steps it reads) is unchanged and its outputs exist. `--force`
 redoes every step. An `OUT` built from another teacher tokenizer is refused without `--force`.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+import cache_teacher
 import encode_shards
 import find_matching_ids
 import init_weights
@@ -35,6 +37,7 @@ import teacher_tokens_split
 import token_counts
 import train_reduced_tok
 from common import DEFAULT_MAX_BAD_FRAC
+from kdcore.alignments import selectable_alignments
 from kdcore.artifacts import MANIFEST, read_manifest
 from kdcore.errors import UserError, run_cli
 from kdcore.fsutil import atomic_write_json
@@ -42,6 +45,8 @@ from kdcore.shard_io import read_index
 from kdcore.tokenizer_utils import MAX_LEN, fingerprint, load_tokenizer
 
 FORMAT = "rvkd-pipeline/1"
+CACHE_DIR = "teacher_cache"
+"""Where `--cache_teacher` puts the teacher-output cache (step 11) in OUT."""
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Step:
     outputs: Callable[[Path], list[Path]]
     run: Callable[[argparse.Namespace, Path], dict]
     complete: Callable[[Path], bool] | None = None
+    enabled: Callable[[argparse.Namespace], bool] | None = None  # None: always; else run only when it says so
 
 
 def _has_match(out: Path) -> bool:
@@ -131,6 +137,14 @@ STEPS = [
     Step(10, "matched_vocab", ("train_reduced_tok",), (), ("teacher_tokenizer",),
          lambda o: [o / "matched_vocab.json"],
          lambda a, o: matched_vocab.run(a.teacher_name, _student_dir(o), str(o / "matched_vocab.json"))),
+    Step(11, "cache_teacher", ("regroup_binarized", "find_matching_ids", "matched_vocab", "teacher_tokens_split"),
+         ("cache_teacher", "cache_temperature", "cache_format", "cache_k", "cache_dtype", "cache_precision", "seed"),
+         ("teacher_tokenizer", "teacher_model"), lambda o: [o / CACHE_DIR / "cache.json"],
+         lambda a, o: cache_teacher.build(cache_teacher.CacheParams(
+             pipeline_dir=str(o), teacher_name=a.teacher_name, align_logits=a.cache_teacher, out=str(o / CACHE_DIR),
+             temperature=a.cache_temperature, encoding=a.cache_format, k=a.cache_k, dtype=a.cache_dtype,
+             precision=a.cache_precision, batch_size=a.cache_batch_size, seed=a.seed), log=lambda *_: None),
+         enabled=lambda a: a.cache_teacher is not None),
 ]
 
 
@@ -221,6 +235,8 @@ def run_steps(a: argparse.Namespace, out: Path, external: dict, manifest: dict, 
     manifest["params"] = {k: v for k, v in vars(a).items() if k != "force"}
     total = time.perf_counter()
     for k, step in enumerate(STEPS, 1):
+        if step.enabled is not None and not step.enabled(a):
+            continue
         sig = signature(step, a, external, manifest)
         label = f"[{k}/{len(STEPS)}] step {step.number} {step.name}"
         if up_to_date(step, sig, manifest, out):
@@ -265,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     init_weights.add_layer_args(p)
     p.add_argument("--max_bad_frac", type=float, default=DEFAULT_MAX_BAD_FRAC,
                    help="largest tolerated share of undecodable lines per corpus file")
+    g = p.add_argument_group("step 11 (optional): the teacher-output cache, in OUT/teacher_cache")
+    g.add_argument("--cache_teacher", choices=selectable_alignments(),
+                   help="build the cache for this alignment (see preprocessing/cache_teacher.py)")
+    cache_teacher.add_arguments(g, prefix="cache_")
     p.add_argument("--force", action="store_true", help="redo every step (and accept a foreign --out_dir)")
     return p
 

@@ -62,3 +62,11 @@ def same_vocab_out(workdir, teacher_dir, corpus, student_config):
     ])
     run(args, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory):
+    """The fixed-vocabulary fixture of `golden_fixture.py` (byte-identical in every run; a peaked teacher)."""
+    from golden_fixture import build
+
+    return build(tmp_path_factory.mktemp("golden"))

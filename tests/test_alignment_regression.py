@@ -19,13 +19,6 @@ RTOL = 1e-4
 """Relative tolerance: loose enough for another CPU's kernels, far below what a behaviour change moves."""
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    from golden_fixture import build
-
-    return build(tmp_path_factory.mktemp("golden"))
-
-
 def flags(name: str, out: Path, teacher: Path) -> list[str]:
     """The command line of run `name` in today's trainer."""
     kd = ["--teacher_name", str(teacher), "--alpha_ce", "2.0", "--alpha_mlm", "0.5", "--temperature", "2"]
@@ -84,9 +77,9 @@ def assert_stats_close(got: dict[str, list[float]], want: dict[str, list[float]]
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
-def test_ten_updates_reproduce_the_recorded_run(tmp_path, fixture, name):
-    out = fixture["out_same"] if name == "shared" else fixture["out"]
-    extra = flags(name, out, fixture["teacher"])
+def test_ten_updates_reproduce_the_recorded_run(tmp_path, golden, name):
+    out = golden["out_same"] if name == "shared" else golden["out"]
+    extra = flags(name, out, golden["teacher"])
     tail = extra.index("hyperbolic") if "hyperbolic" in extra else len(extra)
     dump = tmp_path / "dump"
     argv = train_argv(out, dump, "--max_steps", "10", "--log_interval", "1", "--checkpoint_interval", "5",
