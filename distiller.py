@@ -110,6 +110,7 @@ class Distiller:
         self.generator = torch.Generator().manual_seed(cfg.loop.seed * 1000 + dist_info.rank)
         self.dump = Path(cfg.output.dump_path)
         self.rank_checksums: list[str] = []
+        self.train_seconds = 0.0  # wall time of the last `train` call (its loop, validations and checkpoints)
         self._set_lr()
 
     # ----- data ---------------------------------------------------------------------------------------
@@ -180,6 +181,7 @@ class Distiller:
     def train(self) -> TrainState:
         """Train until n_epoch epochs, max_steps updates or the validation patience runs out."""
         out, accum = self.cfg.output, self.cfg.optim.gradient_accumulation_steps
+        started = time.perf_counter()
         progress = self._progress()
         sums: dict[str, float] = {}
         tokens, t_last, stop = 0, time.perf_counter(), False
@@ -228,6 +230,7 @@ class Distiller:
                     stop = self._validate_and_save()
         if progress is not None:
             progress.close()
+        self.train_seconds = time.perf_counter() - started
         self.rank_checksums = self._gather(param_digest(self.runner))
         if self.dist.is_master:
             if len(set(self.rank_checksums)) > 1:

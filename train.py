@@ -392,6 +392,7 @@ def train_process(cfg: TrainConfig, dist_info) -> None:
             atomic_write_json(dump / "train_summary.json", {
                 "global_step": state.global_step, "epoch": state.epoch, "best_valid": state.best_valid,
                 "world_size": dist_info.world_size, "rank_param_checksums": distiller.rank_checksums,
+                "steps_per_epoch": distiller.steps_per_epoch, "train_seconds": round(distiller.train_seconds, 3),
                 "history": state.history, "curvature": curvature_value(distiller.runner)})
             logger.info(f"done: {state.global_step} updates; student saved in {dump}")
 

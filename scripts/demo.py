@@ -10,11 +10,14 @@ Stages (each prints one line with its elapsed time; its commands' output goes to
                 under --cache_dir by configuration, so a second run reuses it;
  3. pipeline    run_pipeline.py with a reduced student vocabulary; the student initialised from the teacher;
  4. distil      ./train_multi_gpu.sh (2 CPU processes): KL (T=2, alpha 2.0, match alignment) + MLM 0.5;
- 5. baseline    the same student, initialisation, data and number of updates, MLM only;
- 6. evaluate    held-out MLM accuracy, parameters, size on disk, CPU latency and throughput;
- 7. topics      topic classification of fortunes-ru texts with distil-finetuned-en/ (each model fine-tuned
+ 5. teacher_cache  the teacher-output cache of that alignment (cache_teacher.py, `sample` encoding, K = 16),
+                its build time against one epoch of the online distillation;
+ 6. distil_cached  the same distillation (seed, data, updates) reading the cache instead of the teacher;
+ 7. baseline    the same student, initialisation, data and number of updates, MLM only;
+ 8. evaluate    held-out MLM accuracy, parameters, size on disk, CPU latency and throughput;
+ 9. topics      topic classification of fortunes-ru texts with distil-finetuned-en/ (each model fine-tuned
                 the same way, once per seed: 3 in full mode), dev accuracy: mean and spread over the seeds;
- 8. report      OUT/report.md, OUT/report.json, OUT/losses.png, OUT/comparison.png.
+10. report      OUT/report.md, OUT/report.json, OUT/losses.png, OUT/comparison.png.
 A failing stage stops the demo with the stage's name and its log file.
 """
 
@@ -252,6 +255,27 @@ class Demo:
     def distil(self) -> None:
         self._train_student(self.out / "student_kd", ["--teacher_name", self.teacher_dir, *self.setup.kd_flags])
 
+    def teacher_cache(self) -> None:
+        """The teacher-output cache of the distillation's alignment (`sample` encoding, K = 16) over the whole
+        pipeline output, timed against one epoch of the online distillation."""
+        start = time.perf_counter()
+        self.sh(self.py, ROOT / "preprocessing" / "cache_teacher.py", "--pipeline_dir", self.out / "pipeline",
+                "--teacher_name", self.teacher_dir, "--align_logits", "match", "--temperature", "2", "--format",
+                "sample", "--k", 16, "--out", self.out / "teacher_cache", "--device", "cpu",
+                "--precision", self.a.precision)
+        build = time.perf_counter() - start
+        summary = json.loads((self.out / "student_kd" / "train_summary.json").read_text(encoding="utf-8"))
+        epoch = summary["train_seconds"] / max(summary["global_step"], 1) * summary["steps_per_epoch"]
+        header = json.loads((self.out / "teacher_cache" / "cache.json").read_text(encoding="utf-8"))
+        self.facts["teacher_cache"] = {"build_seconds": round(build, 1), "online_epoch_seconds": round(epoch, 1),
+                                       "rows": sum(s["n_rows"] for s in header["shards"]),
+                                       "bytes_per_row": header["bytes_per_row"], "encoding": header["encoding"]}
+
+    def distil_cached(self) -> None:
+        """The same distillation as `distil` (same seed, data and updates), the teacher read from the cache."""
+        self._train_student(self.out / "student_kd_cached", ["--teacher_name", self.teacher_dir, *self.setup.kd_flags,
+                                                             "--teacher_cache", self.out / "teacher_cache"])
+
     def baseline(self) -> None:
         self._train_student(self.out / "student_baseline", ["--alpha_mlm", "1.0"])
 
@@ -289,6 +313,7 @@ class Demo:
         from demo_report import read_scalars, write_report
 
         curves = {"student (distilled)": read_scalars(self.out / "student_kd" / "tensorboard"),
+                  "student (distilled, teacher cache)": read_scalars(self.out / "student_kd_cached" / "tensorboard"),
                   "student (MLM only)": read_scalars(self.out / "student_baseline" / "tensorboard")}
         context = {"mode": self.mode, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -298,7 +323,7 @@ class Demo:
 
     def model_dirs(self) -> dict[str, Path]:
         return {"teacher": self.teacher_dir, "student_kd": self.out / "student_kd",
-                "student_baseline": self.out / "student_baseline"}
+                "student_kd_cached": self.out / "student_kd_cached", "student_baseline": self.out / "student_baseline"}
 
     def run(self) -> dict:
         self.t0 = time.perf_counter()
@@ -308,7 +333,8 @@ class Demo:
         self.logs.mkdir(exist_ok=True)
         for log in self.logs.glob("*.log"):
             log.unlink()
-        for name in ("corpus", "teacher", "pipeline", "distil", "baseline", "evaluate", "topics", "report"):
+        for name in ("corpus", "teacher", "pipeline", "distil", "teacher_cache", "distil_cached", "baseline",
+                     "evaluate", "topics", "report"):
             self.run_stage(name, getattr(self, name))
         return self.result
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from kdcore.fsutil import atomic_write_json, atomic_write_text
 
-MODELS = ("teacher", "student_kd", "student_baseline")
-LABELS = {"teacher": "teacher", "student_kd": "student (distilled)", "student_baseline": "student (MLM only)"}
+MODELS = ("teacher", "student_kd", "student_kd_cached", "student_baseline")
+LABELS = {"teacher": "teacher", "student_kd": "student (distilled)",
+          "student_kd_cached": "student (distilled, teacher cache)", "student_baseline": "student (MLM only)"}
 METRICS = ("params", "size_mb", "vocab_size", "latency_ms", "throughput_seq_s", "mlm_acc", "topic_acc",
            "topic_acc_std", "topic_acc_seeds")
 
@@ -80,7 +81,7 @@ def _plot_bars(report: dict, path: Path) -> None:
     panels = [("mlm_acc", "held-out MLM accuracy"), ("topic_acc", "topic accuracy"),
               ("params", "parameters"), ("throughput_seq_s", "throughput (seq/s, batch 32)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
-    colours = ["#4c72b0", "#55a868", "#c44e52"]
+    colours = ["#4c72b0", "#55a868", "#8172b2", "#c44e52"]
     for ax, (metric, title) in zip(axes, panels):
         values = [report[m][metric] or 0 for m in MODELS]
         errors = [report[m].get(f"{metric}_std") or 0 for m in MODELS]
@@ -129,14 +130,23 @@ def markdown(report: dict, context: dict) -> str:
         rows.append(f"| {LABELS[name]} | {_fmt(r['params'])} | {_fmt(r['size_mb'], 2)} | {_fmt(r['vocab_size'])} | "
                     f"{_fmt(r['latency_ms'], 1)} | {_fmt(r['throughput_seq_s'], 1)} | {_fmt(r['mlm_acc'])} | "
                     f"{_topic(r)} |")
-    kd, base = report["student_kd"], report["student_baseline"]
+    kd, base, cached = report["student_kd"], report["student_baseline"], report["student_kd_cached"]
     verdict = [
         f"- compression (teacher / student parameters): **{report['compression']:.1f}x**; speed-up (student / "
         f"teacher throughput): **{report['speedup']:.1f}x**",
         f"- distilled vs baseline student: MLM accuracy {kd['mlm_acc']:.3f} vs {base['mlm_acc']:.3f} "
         f"({'better' if kd['mlm_acc'] > base['mlm_acc'] else 'not better'}), topic accuracy "
         f"{_topic(kd)} vs {_topic(base)} ({topic_verdict(kd, base)})",
+        f"- distilled from the teacher cache (same seed, data and updates) vs with the teacher in the loop: MLM "
+        f"accuracy {cached['mlm_acc']:.3f} vs {kd['mlm_acc']:.3f}, topic accuracy {_topic(cached)} vs {_topic(kd)} "
+        f"({topic_verdict(cached, kd)})",
     ]
+    cache = context.get("facts", {}).get("teacher_cache")
+    if cache:
+        verdict.append(f"- teacher cache ({cache['encoding']['name']}, K = {cache['encoding']['k']}): "
+                       f"{cache['rows']:,} rows, {cache['bytes_per_row']} bytes per row, built in "
+                       f"{cache['build_seconds']:.0f} s vs {cache['online_epoch_seconds']:.0f} s for one epoch of "
+                       "the online distillation")
     lines = ["# Demo report: reduced-vocabulary distillation on Russian text", "",
              f"Mode: `{context.get('mode')}`; finished {context.get('finished')}; total time "
              f"{context.get('total_minutes', 0):.1f} min on {context.get('machine')}.", "",

@@ -65,9 +65,12 @@ def test_read_scalars_round_trip(tmp_path):
 def test_report_files(tmp_path):
     models = {name: {"params": p, "size_mb": p / 1e6, "vocab_size": 100, "latency_ms": 1.0 + i,
                      "throughput_seq_s": 100.0 / (i + 1), "mlm_acc": 0.3 + 0.1 * i, "topic_acc": 0.5}
-              for i, (name, p) in enumerate(zip(MODELS, (1000, 100, 100)))}
+              for i, (name, p) in enumerate(zip(MODELS, (1000, 100, 100, 100)))}
     curves = {"a": {"train/loss_mlm": [(1, 3.0), (2, 2.0)], "valid/loss": [(2, 2.5)]}}
-    report = write_report(tmp_path, models, curves, {"mode": "test", "stage_seconds": {"corpus": 1.0}})
+    cache = {"build_seconds": 3.0, "online_epoch_seconds": 40.0, "rows": 1234, "bytes_per_row": 36,
+             "encoding": {"name": "sample", "k": 16, "dtype": "fp16"}}
+    report = write_report(tmp_path, models, curves, {"mode": "test", "stage_seconds": {"corpus": 1.0},
+                                                     "facts": {"teacher_cache": cache}})
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["compression"] == pytest.approx(10.0) and saved["speedup"] == pytest.approx(0.5)
     for name in MODELS:
@@ -75,6 +78,8 @@ def test_report_files(tmp_path):
                                     "topic_acc"}
     text = (tmp_path / "report.md").read_text()
     assert "10.0x" in text and "student (distilled)" in text
+    assert "teacher cache (sample, K = 16): 1,234 rows, 36 bytes per row, built in 3 s vs 40 s" in text
+    assert "student (distilled, teacher cache)" in text
     assert (tmp_path / "losses.png").stat().st_size > 1000 and (tmp_path / "comparison.png").stat().st_size > 1000
     assert report["student_kd"]["mlm_acc"] == pytest.approx(0.4)
 
@@ -118,7 +123,8 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path):
 def test_topic_accuracy_over_seeds_in_the_report(tmp_path):
     models = {name: {"params": p, "size_mb": 1.0, "vocab_size": 100, "latency_ms": 1.0, "throughput_seq_s": 10.0,
                      "mlm_acc": 0.3, "topic_acc": acc, "topic_acc_std": std, "topic_acc_seeds": [acc - std, acc + std]}
-              for name, p, acc, std in zip(MODELS, (1000, 100, 100), (0.5, 0.38, 0.36), (0.01, 0.03, 0.01))}
+              for name, p, acc, std in zip(MODELS, (1000, 100, 100, 100), (0.5, 0.38, 0.37, 0.36),
+                                           (0.01, 0.03, 0.02, 0.01))}
     report = write_report(tmp_path, models, {}, {"mode": "test"})
     text = (tmp_path / "report.md").read_text()
     assert "0.380 ± 0.030" in text and "within the seed spread of 0.030" in text
