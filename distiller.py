@@ -254,9 +254,15 @@ class Distiller:
     # ----- validation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean total loss over this process's validation data (averaged over ranks), in eval mode, with a
-        fixed masking seed so that validations are comparable."""
+        """Mean total loss over this process's validation data (averaged over ranks), in eval mode, with fixed
+        seeds for the masking and the contrastive negatives, so that validations are comparable and draw nothing
+        from the training RNG."""
         self.runner.eval()
+        negatives = torch.Generator(device=self.device).manual_seed(self.cfg.loop.seed + 104729 * (self.dist.rank + 1))
+        with self.hidden.seeded_negatives(negatives) if self.hidden is not None else nullcontext():
+            return self._validate()
+
+    def _validate(self) -> float:
         generator = torch.Generator().manual_seed(self.cfg.loop.seed + 7919 * (self.dist.rank + 1))
         lengths = np.maximum(self.valid_data.lengths("teacher"), self.valid_data.lengths("student"))
         order = np.argsort(lengths, kind="stable")

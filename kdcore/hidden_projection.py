@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -418,6 +419,17 @@ class HiddenLosses(nn.Module):
         if "contrastive" in cfg.losses and cfg.hyperbolic is not None:
             self.hyperbolic = HyperbolicHead(cfg.hyperbolic, n_pairs, d_teacher, d_student, cfg.project_to,
                                              cfg.intermediate_dim, cfg.train_projections)
+        self._negatives: torch.Generator | None = None  # None: torch's global RNG
+
+    @contextmanager
+    def seeded_negatives(self, generator: torch.Generator) -> Iterator[None]:
+        """Draw the contrastive negatives from `generator` inside the block (validation: the same negatives in
+        every pass, and the training RNG is left untouched)."""
+        previous, self._negatives = self._negatives, generator
+        try:
+            yield
+        finally:
+            self._negatives = previous
 
     # ----- rows ---------------------------------------------------------------------------------------
     def _select(self, states, layers, mask: Tensor) -> dict[int, Tensor]:
@@ -478,7 +490,7 @@ class HiddenLosses(nn.Module):
                     extra_teacher=None if extra_t is None else head.teacher(p, extra_t[p]),
                     extra_student=None if extra_s is None else head.student(p, extra_s[p]),
                     extra_teacher_seq=rows.extra_teacher_seq, extra_student_seq=rows.extra_student_seq,
-                    noise_prob=cfg.noise_prob))
+                    noise_prob=cfg.noise_prob, generator=self._negatives))
         return torch.stack(values).mean()
 
 

@@ -182,3 +182,28 @@ def test_delta_cli_and_library_agree(tmp_path, pipeline_out, teacher_dir, capsys
 
     with pytest.raises(UserError, match="vocabulary"):
         delta.main([*argv[:5], "student", *argv[6:]])
+
+
+def test_validation_with_contrastive_negatives_is_deterministic(tmp_path, pipeline_out, teacher_dir, monkeypatch):
+    """Validation draws its contrastive negatives from its own seeded generator: the same value in every pass,
+    whatever the training RNG did before, and the training RNG is left where it was."""
+    import distiller
+
+    seen: list[tuple[float, float, bool]] = []
+    original = distiller.Distiller.train
+
+    def train_twice(self):
+        first = self.validate()
+        torch.rand(1000)  # the training RNG moves on
+        state = torch.get_rng_state()
+        second = self.validate()
+        seen.append((first, second, torch.equal(state, torch.get_rng_state())))
+        return original(self)
+
+    monkeypatch.setattr(distiller.Distiller, "train", train_twice)
+    argv = train_argv(pipeline_out, tmp_path / "dump", "--max_steps", "1", *FAST,
+                      *kd_flags(pipeline_out, teacher_dir, "match"), "--alpha_contrastive", "1",
+                      "--n_negative_samples", "2")
+    assert run_train(argv) == 0
+    (first, second, untouched), = seen
+    assert first == second and untouched
