@@ -34,6 +34,7 @@ from kdcore.alignments import StudentPass
 from kdcore.config import TrainConfig
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_write_json, staged_dir, temp_sibling
+from kdcore.model_io import model_card
 from kdcore.step_runner import StudentRunner, combine_losses, teacher_forward
 from kdcore.teacher_cache import CachedTeacher
 from kdcore.trainer_core import (
@@ -111,6 +112,8 @@ class Distiller:
         self.dump = Path(cfg.output.dump_path)
         self.rank_checksums: list[str] = []
         self.train_seconds = 0.0  # wall time of the last `train` call (its loop, validations and checkpoints)
+        self.last_train_losses: dict[str, float] = {}  # the last logged training losses, for the model card
+        self.command: str | None = None  # the training command line, for the model card
         self._set_lr()
 
     # ----- data ---------------------------------------------------------------------------------------
@@ -323,6 +326,7 @@ class Distiller:
         scalars.update({"train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
                         "train/tokens_per_s": tokens_per_s * world,
                         **{f"memory/{k}": v for k, v in memory_mb(self.device).items()}})
+        self.last_train_losses = {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("train/loss")}
         if self.dist.is_master:
             step = self.state.global_step
             if self.writer is not None:
@@ -385,8 +389,20 @@ class Distiller:
         self.state = TrainState(**json.loads(blob["state"]))
         self._set_lr()
 
+    def _card_facts(self) -> dict:
+        """What the model card of an export says (see `model_io.model_card`)."""
+        student = self.runner.student
+        return {"teacher": self.cfg.data.teacher_name, "alignment": self.kl.describe() if self.kl else None,
+                "losses": self.cfg.losses.weights, "temperature": self.cfg.losses.temperature,
+                "train_sequences": len(self.train_data) * self.dist.world_size, "updates": self.state.global_step,
+                "final_train": self.last_train_losses, "best_valid": None if math.isinf(self.state.best_valid)
+                else self.state.best_valid, "parameters": sum(p.numel() for p in student.parameters()),
+                "vocab_size": student.config.vocab_size, "model_type": student.config.model_type,
+                "command": self.command}
+
     def export(self, directory: Path) -> None:
-        """Save the student as an HF model directory (config, safetensors, tokenizer files, vocab.txt)."""
+        """Save the student as an HF model directory (config, safetensors, tokenizer files, vocab.txt, and a model
+        card README.md)."""
         from kdcore.tokenizer_utils import write_vocab_txt
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -395,6 +411,7 @@ class Distiller:
             self.runner.student.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
             write_vocab_txt(self.tokenizer, tmp)
+            (tmp / "README.md").write_text(model_card(self._card_facts()), encoding="utf-8")
             for item in tmp.iterdir():
                 os.replace(item, directory / item.name)
         finally:

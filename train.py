@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, selectable_alignments
@@ -250,20 +252,21 @@ def open_teacher_cache(cfg: TrainConfig, plan, shards: list, fingerprints: dict[
     return cache
 
 
-def run(a: argparse.Namespace) -> int:
-    """Build everything and train, in every process of a torchrun job; returns 0. A process that fails raises and
-    leaves the process group joined: `end_process` then exits without a collective tear-down."""
+def run(a: argparse.Namespace, argv: list[str]) -> int:
+    """Build everything and train, in every process of a torchrun job; returns 0. `argv`: the command line (for the
+    model card). A process that fails raises and leaves the process group joined: `end_process` then exits without
+    a collective tear-down."""
     cfg = TrainConfig.from_args(a)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from utils import init_distributed, shutdown_distributed
 
     dist_info = init_distributed(cfg.loop.device)
-    train_process(cfg, dist_info)
+    train_process(cfg, dist_info, argv)
     shutdown_distributed(dist_info)  # after train_process returned: its Distiller and DDP module are garbage now
     return 0
 
 
-def train_process(cfg: TrainConfig, dist_info) -> None:
+def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
     """This process's share of the run: load, check, build, train, export (rank 0 writes)."""
     import dataclasses
 
@@ -379,6 +382,7 @@ def train_process(cfg: TrainConfig, dist_info) -> None:
             precompute_curvature(cfg, hidden, teacher, student, curvature_source, collator, dist_info, logger, 0)
         distiller = Distiller(cfg, dist_info, runner, teacher, train_data, valid_data, collator, token_probs, s_special,
                               s_tok, logger, writer)
+        distiller.command = " ".join(shlex.quote(arg) for arg in ["train.py", *argv])
         if curvature is not None and curvature.recompute_after_epoch:
             distiller.epoch_end_hooks.append(lambda dst: precompute_curvature(
                 cfg, hidden, dst.teacher, dst.runner.student, curvature_source, collator, dist_info, logger,
@@ -398,7 +402,8 @@ def train_process(cfg: TrainConfig, dist_info) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    return run(build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

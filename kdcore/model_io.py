@@ -78,3 +78,40 @@ def load_student(config_dir: str | os.PathLike, weights: str | os.PathLike | Non
                         f"unexpected {unexpected[:3]}); pass weights saved from this architecture")
     model.tie_weights()
     return model
+
+
+def model_card(facts: dict) -> str:
+    """The `README.md` of an exported student (a Hugging Face model card): what it was distilled from and how.
+
+    facts: "teacher" (path or None), "alignment" (a description or None), "losses" ({name: weight}), "temperature",
+    "train_sequences", "updates", "final_train" ({loss name: value}), "best_valid" (or None), "parameters",
+    "vocab_size", "model_type", optional "mlm_acc" and "command" (the training command line)."""
+    weights = ", ".join(f"{name} {value:g}" for name, value in facts["losses"].items() if value) or "none"
+    final = ", ".join(f"{name} {value:.4g}" for name, value in sorted(facts["final_train"].items())) or "not logged"
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: fill-mask", "tags:", "- knowledge-distillation",
+        "- reduced-vocabulary", "---", "",
+        f"# {facts['model_type']} student ({facts['parameters']:,} parameters, {facts['vocab_size']:,}-token vocabulary)",
+        "",
+        "Distilled with reduced-vocabulary knowledge distillation (Kolesnikova et al., arXiv 2205.02340): the "
+        "student's vocabulary differs from the teacher's." if facts["teacher"] else
+        "Trained with the masked-language-model loss alone (no teacher).",
+        "",
+        "| | |", "|---|---|",
+        f"| teacher | {facts['teacher'] or '-'} |",
+        f"| alignment of the KL term | {facts['alignment'] or '-'} |",
+        f"| loss weights | {weights} (temperature {facts['temperature']:g}) |",
+        f"| training sequences | {facts['train_sequences']:,} |",
+        f"| updates | {facts['updates']:,} |",
+        f"| final training losses | {final} |",
+        f"| best validation loss | {'-' if facts['best_valid'] is None else format(facts['best_valid'], '.4g')} |",
+        f"| parameters | {facts['parameters']:,} |",
+        f"| vocabulary | {facts['vocab_size']:,} tokens |",
+    ]
+    if facts.get("mlm_acc") is not None:
+        lines.append(f"| held-out MLM accuracy | {facts['mlm_acc']:.4f} |")
+    lines += ["", "```python", "from transformers import pipeline", "",
+              'fill = pipeline("fill-mask", model="<this directory>")', "```"]
+    if facts.get("command"):
+        lines += ["", "Trained with:", "", "```", facts["command"], "```"]
+    return "\n".join(lines) + "\n"

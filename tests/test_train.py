@@ -205,3 +205,37 @@ def test_no_validation_data_still_checkpoints(tmp_path, pipeline_out):
     log = (dump / "train.log").read_text()
     assert "no validation data" in log and "valid loss nan" not in log
     assert (dump / "checkpoints" / "3" / "model.safetensors").is_file() and (dump / "model.safetensors").is_file()
+
+
+def test_exported_student_has_a_model_card_and_fills_masks(tmp_path, pipeline_out, teacher_dir):
+    from transformers import pipeline
+
+    dump = tmp_path / "dump"
+    assert run_train(train_argv(pipeline_out, dump, "--max_steps", "2", *kd_flags(pipeline_out, teacher_dir,
+                                                                                  "match"))) == 0
+    card = (dump / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: fill-mask\n")
+    assert f"| teacher | {teacher_dir} |" in card and "| alignment of the KL term | match (match rows," in card
+    assert "| loss weights | ce 2, mlm 0.5 (temperature 2) |" in card and "| updates | 2 |" in card
+    assert "loss_ce " in card and "--align_logits match" in card and "27,318" in card
+    assert (dump / "best" / "README.md").is_file()
+    fill = pipeline("fill-mask", model=str(dump))
+    predictions = fill(f"Кот {fill.tokenizer.mask_token} дом.")
+    assert len(predictions) == 5 and all("token_str" in p for p in predictions)
+
+
+def test_fp16_resume_restores_the_grad_scaler(tmp_path, pipeline_out, teacher_dir):
+    """--precision fp16 on the CPU (autocast fp16 + GradScaler): a resumed run ends with the weights and the scaler
+    state of an uninterrupted one."""
+    flags = [*kd_flags(pipeline_out, teacher_dir, "match"), "--precision", "fp16", "--checkpoint_interval", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_train(train_argv(pipeline_out, full, "--max_steps", "4", *flags)) == 0
+    assert run_train(train_argv(pipeline_out, part, "--max_steps", "2", *flags)) == 0
+    assert run_train(train_argv(pipeline_out, part, "--max_steps", "4", "--load_from_checkpoint",
+                                str(part / "checkpoints" / "2"), *flags)) == 0
+    a, b = final_weights(full), final_weights(part)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    scalers = [torch.load(d / "checkpoints" / "4" / "trainer_state.pt", weights_only=True)["grad_scaler"]
+               for d in (full, part)]
+    assert scalers[0] == scalers[1] and scalers[0]["scale"] > 0

@@ -87,3 +87,46 @@ def test_hidden_config_is_one_rule_for_both_command_lines():
     assert hidden_config(_hidden_args(contrastive_temperature=0.5), None).temperature == 0.5
     assert hidden_config(_hidden_args(), None).noise_prob == 0.0  # set later, once the data size is known
     assert hidden_config(_hidden_args(alpha_contrastive=0.0), 10) is None
+
+
+def test_fp16_grad_scaler_skips_inf_steps_and_backs_off():
+    """The fp16 path on the CPU: a step whose gradients hold an inf is skipped and halves the scale; a finite step
+    updates the weights at the unscaled gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model.named_parameters(), lr=0.1, weight_decay=0.0, eps=1e-6)
+    scaler = grad_scaler(torch.device("cpu"), "fp16")
+    assert scaler.is_enabled() and not grad_scaler(torch.device("cpu"), "bf16").is_enabled()
+    scale = scaler.get_scale()
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+    model.weight.grad[0, 0] = float("inf")
+    optimizer_step(optimizer, scaler, model.parameters(), max_grad_norm=1.0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert scaler.get_scale() == scale / 2
+    x = torch.randn(4, 3)
+    scaler.scale(model(x).sum()).backward()
+    unscaled = model.weight.grad / scaler.get_scale()
+    norm = optimizer_step(optimizer, scaler, model.parameters(), max_grad_norm=1e9)
+    assert norm == pytest.approx(float(torch.cat([unscaled.reshape(-1), torch.full((2,), 4.0)]).norm()), rel=1e-5)
+    assert not torch.equal(before[0], model.weight) and scaler.get_scale() == scale / 2
+
+
+def test_device_choice(monkeypatch):
+    from kdcore.errors import UserError
+    from utils import choose_device, init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu") and choose_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="no CUDA GPU is visible"):
+        choose_device("cuda")
+    with pytest.raises(UserError, match="must be auto, cpu or cuda"):
+        choose_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert choose_device("auto", local_rank=3) == torch.device("cuda", 1)
+    assert choose_device("cpu", local_rank=3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    info = init_distributed("auto")
+    assert (info.rank, info.world_size, info.backend, info.device) == (0, 1, None, torch.device("cpu"))
