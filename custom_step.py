@@ -313,12 +313,15 @@ def _reduce_map_sparse(reduced: Tensor, t2s_padded: Tensor, mode: str, columns: 
     dtype = _loss_dtype(reduced.dtype)
     matrix = reduce_map_matrix(t2s_padded, reduced.shape[1], columns, dtype) if map_matrix is None \
         else map_matrix.to(dtype)
-    scores = reduced.to(dtype)
-    if mode == "sum":
-        return torch.sparse.mm(matrix, scores.t()).t().to(reduced.dtype)
-    row_max = scores.detach().amax(dim=1, keepdim=True)
-    summed = torch.sparse.mm(matrix, torch.exp(scores - row_max).t()).t()
-    return (torch.log(summed.clamp_min(torch.finfo(dtype).tiny)) + row_max).to(reduced.dtype)
+    # outside autocast: it would cast the dense operand of the sparse product to bf16/fp16, whose backward then
+    # meets the fp32 matrix and fails ("expected scalar type Float but found BFloat16")
+    with torch.autocast(reduced.device.type, enabled=False):
+        scores = reduced.to(dtype)
+        if mode == "sum":
+            return torch.sparse.mm(matrix, scores.t()).t().to(reduced.dtype)
+        row_max = scores.detach().amax(dim=1, keepdim=True)
+        summed = torch.sparse.mm(matrix, torch.exp(scores - row_max).t()).t()
+        return (torch.log(summed.clamp_min(torch.finfo(dtype).tiny)) + row_max).to(reduced.dtype)
 
 
 REDUCE_MAP_IMPLS: dict[str, Callable[..., Tensor]] = {

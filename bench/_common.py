@@ -20,6 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def script_environment() -> None:
+    """The environment of a benchmark run as a script, set before torch loads (values already set win): offline
+    Hugging Face hub, a fork-safe `torch.cuda.is_available()`, and OpenMP threads that sleep instead of spinning
+    at barriers (on a CPU shared with other processes, spinning threads that wait for a descheduled peer made
+    small ops 10-50x slower; read when torch loads libgomp)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform.processor() where /proc is missing)."""
     try:

@@ -21,4 +21,5 @@ if [[ ${#quick[@]} -eq 0 ]]; then
     $py bench/hidden_losses.py --batch_size 16 --seq_len 256 --out bench/results/hidden_losses_b16x256.json
 fi
 $py bench/parity.py --corpus "$corpus" "${quick[@]}"
+$py bench/teacher_cache.py "${quick[@]}"
 $py bench/collect.py

@@ -5,10 +5,12 @@
         [--size NAME:key=value,...] [--reduce_map_modes logsumexp,sum] [--out bench/results/train_step.json]
 
 Sizes (`--size` changes or adds one): `tiny` (teacher BERT 2 x 64, V_T 2000; student DistilBERT 2 x 64,
-V_S 500) and `demo` (teacher BertForMaskedLM 4 layers, hidden 256, 4 heads, FFN 1024, V_T 30000; student
-DistilBERT 3 layers, dim 256, 4 heads, FFN 1024, V_S 6000). Configurations (`--configs`): `mlm` (student
-MLM only, no teacher), `match`, `reduce` (matched columns), `reduce_map/gather` (reduce-map with plain
-autograd indexing), `reduce_map/my_index` (gather and reduction fused, inverse-map backward);
+V_S 500), `demo` (teacher BertForMaskedLM 4 layers, hidden 256, 4 heads, FFN 1024, V_T 30000; student
+DistilBERT 3 layers, dim 256, 4 heads, FFN 1024, V_S 6000) and `real` (the user's models: teacher BERT 12
+layers, hidden 768, 12 heads, FFN 3072, V_T 120000; student DistilBERT 3 layers, dim 264, 12 heads, FFN 792,
+V_S 30000; not run by default). Configurations (`--configs`): `mlm` (student MLM only, no teacher), `match`,
+`reduce` (matched columns), `reduce_map/gather` (reduce-map with plain autograd indexing), `reduce_map/my_index`
+(gather and reduction fused, inverse-map backward);
 `reduce_map/sparse` and `reduce_map/my_index_gather` can be added. Reduce-map scores teacher tokens by the
 logsumexp of their pieces by default (`--sum_probs`, as the paper's reduce-map runs), `--reduce_map_modes
 sum` by the sum. Every KL configuration trains 5 * KL + 2 * MLM (DistilBERT's weights).
@@ -84,12 +86,10 @@ for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # the repository's modules 
     if _p in sys.path:
         sys.path.remove(_p)
     sys.path.insert(0, _p)
+from bench._common import script_environment  # noqa: E402  (imports no torch)
+
 if __name__ in ("__main__", "__mp_main__"):  # run as a script: set before torch loads (imported: leave them)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() stays fork-safe
-    # OpenMP threads that sleep instead of spinning at barriers: on a CPU shared with other processes, spinning
-    # threads that wait for a descheduled peer made small ops 10-50x slower (read when torch loads libgomp)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    script_environment()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -109,12 +109,13 @@ from bench._common import (  # noqa: E402
 )
 from custom_step import mlm_token_probs  # noqa: E402
 from distiller import Distiller  # noqa: E402
+from kdcore.alignments import AlignmentPlan, required_artifacts  # noqa: E402
 from kdcore.alignments import Vocabularies as VocabSizes  # noqa: E402
-from kdcore.alignments import required_artifacts  # noqa: E402
 from kdcore.artifacts import ARTIFACT_FLAGS  # noqa: E402
 from kdcore.config import TrainConfig  # noqa: E402
 from kdcore.errors import UserError  # noqa: E402
 from kdcore.step_runner import StudentRunner  # noqa: E402
+from kdcore.teacher_cache import CacheShard  # noqa: E402
 from kdcore.tokenizer_utils import MAX_LEN  # noqa: E402
 from kdcore.trainer_core import PRECISIONS  # noqa: E402
 from lm_seqs_dataset import Collator, RawBatch  # noqa: E402
@@ -162,6 +163,7 @@ class Size:
 SIZES = {
     "tiny": Size(2, 64, 2, 256, 2000, 2, 64, 2, 256, 500),
     "demo": Size(4, 256, 4, 1024, 30000, 3, 256, 4, 1024, 6000),
+    "real": Size(12, 768, 12, 3072, 120000, 3, 264, 12, 792, 30000),
 }
 
 
@@ -271,10 +273,13 @@ def synthetic_sequence(voc: Vocabularies, n_teacher_tokens: int, rng: np.random.
 
 class SequencePool:
     """An in-memory stand-in for `LmSeqsDataset` (the two methods the Distiller reads): `lengths(side)` and
-    `gather(indices)` -> RawBatch (flat arrays in the shards' dtypes) over a fixed list of synthetic texts."""
+    `gather(indices)` -> RawBatch (flat arrays in the shards' dtypes) over a fixed list of synthetic texts, one
+    shard; with `cache` (the texts' teacher-cache rows, a `CacheShard`) the batches carry their rows, as
+    `LmSeqsDataset` gives them with a teacher cache."""
 
-    def __init__(self, seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]):
-        self.seqs = seqs
+    def __init__(self, seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                 cache: CacheShard | None = None):
+        self.seqs, self.cache = seqs, cache
         self._lengths = {side: np.array([len(q[k]) for q in seqs], dtype=np.int64)
                          for k, side in enumerate(("teacher", "student"))}
 
@@ -287,8 +292,9 @@ class SequencePool:
     def gather(self, indices) -> RawBatch:
         seqs = [self.seqs[int(i)] for i in indices]
         t, s, tm, sm = (np.concatenate([q[k] for q in seqs]) for k in range(4))
+        cache = self.cache.take(np.asarray(indices, dtype=np.int64)) if self.cache is not None else None
         return RawBatch(t.astype(np.int32), np.array([len(q[0]) for q in seqs]), s.astype(np.int32),
-                        np.array([len(q[1]) for q in seqs]), tm.astype(np.uint8), sm.astype(np.uint8))
+                        np.array([len(q[1]) for q in seqs]), tm.astype(np.uint8), sm.astype(np.uint8), cache)
 
 
 def synthetic_pool(voc: Vocabularies, n_batches: int, batch_size: int, seq_len: int,
@@ -348,20 +354,28 @@ def train_step(distiller: Distiller, pool: SequencePool, indices: list[int]) -> 
     return int(pool.lengths("student")[indices].sum())
 
 
-def build_models(size: Size, max_positions: int, with_teacher: bool):
-    """(random teacher BertForMaskedLM or None, random student DistilBertForMaskedLM), fp32."""
+def build_teacher(size: Size, max_positions: int) -> BertForMaskedLM:
+    """A random teacher BertForMaskedLM of `size`, fp32."""
     hf_logging.set_verbosity_error()
-    teacher = None
-    if with_teacher:
-        teacher = BertForMaskedLM(BertConfig(
-            vocab_size=size.teacher_vocab, hidden_size=size.teacher_hidden, num_hidden_layers=size.teacher_layers,
-            num_attention_heads=size.teacher_heads, intermediate_size=size.teacher_ffn,
-            max_position_embeddings=max_positions, pad_token_id=PAD))
-    student = DistilBertForMaskedLM(DistilBertConfig(
+    return BertForMaskedLM(BertConfig(
+        vocab_size=size.teacher_vocab, hidden_size=size.teacher_hidden, num_hidden_layers=size.teacher_layers,
+        num_attention_heads=size.teacher_heads, intermediate_size=size.teacher_ffn,
+        max_position_embeddings=max_positions, pad_token_id=PAD))
+
+
+def build_student(size: Size, max_positions: int) -> DistilBertForMaskedLM:
+    """A random student DistilBertForMaskedLM of `size`, fp32."""
+    hf_logging.set_verbosity_error()
+    return DistilBertForMaskedLM(DistilBertConfig(
         vocab_size=size.student_vocab, dim=size.student_dim, n_layers=size.student_layers,
         n_heads=size.student_heads, hidden_dim=size.student_ffn, max_position_embeddings=max_positions,
         pad_token_id=PAD))
-    return teacher, student
+
+
+def build_models(size: Size, max_positions: int, with_teacher: bool):
+    """(random teacher BertForMaskedLM or None, random student DistilBertForMaskedLM), fp32, built in that order."""
+    teacher = build_teacher(size, max_positions) if with_teacher else None
+    return teacher, build_student(size, max_positions)
 
 
 # ------------------------------------------------------------------------------------------ measurements
@@ -519,19 +533,10 @@ def measure_config(cfg: dict) -> dict:
     rng = np.random.default_rng(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     t_setup = time.perf_counter()
-    voc = synthetic_vocabularies(size.teacher_vocab, size.student_vocab, rng)
-    n_batches = max(1, min(cfg["warmup"] + cfg["steps"], 4))
-    pool, batches = synthetic_pool(voc, n_batches, cfg["batch_size"], cfg["seq_len"], rng)
-    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
-        paths = {"dir": tmp, **write_artifacts(voc, Path(tmp), cfg["seed"])}
-        tcfg = trainer_config(cfg["precision"], cfg["config"], paths, cfg["seed"], cfg["batch_size"], cfg["device"],
-                              cfg["reduce_map_mode"] == "logsumexp")
-        plan = tcfg.alignments(VocabSizes(size.teacher_vocab, size.student_vocab, {}))
-    kl = plan.kl
-    counts = np.bincount(np.concatenate([q[1] for q in pool.seqs]), minlength=size.student_vocab)
-    token_probs = mlm_token_probs(counts, tcfg.mlm.smoothing, list(range(len(SPECIAL_TOKENS))))
-    collator = Collator(PAD, PAD, plan.t2s_input, size.student_vocab)
-    stats = pool_stats(collator, pool, batches)
+    data = prepare_data(cfg, size, rng)
+    pool, batches, tcfg, collator, stats = data.pool, data.batches, data.tcfg, data.collator, data.stats
+    kl = data.plan.kl
+    token_probs = data.token_probs
     teacher, student = build_models(size, max(MAX_LEN, stats["max_len"]), kl is not None)
     runner = StudentRunner(student, mlm=tcfg.losses.alpha_mlm > 0, kl=kl)
     distiller = make_distiller(tcfg, device, runner, teacher, pool, collator, token_probs)
@@ -567,6 +572,37 @@ def measure_config(cfg: dict) -> dict:
     if cfg["profile_steps"] > 0:
         result["profile"] = profile_shares(distiller, pool, batches, cfg["profile_steps"], index)
     return result
+
+
+@dataclasses.dataclass
+class StepData:
+    """The synthetic texts and batches of one configuration, its trainer configuration and alignment plan, the
+    MLM masking probabilities, the collator (t2s input where the alignment reads it) and `pool_stats`."""
+
+    pool: SequencePool
+    batches: list[list[int]]
+    tcfg: TrainConfig
+    plan: AlignmentPlan
+    token_probs: torch.Tensor
+    collator: Collator
+    stats: dict
+
+
+def prepare_data(cfg: dict, size: Size, rng: np.random.Generator) -> StepData:
+    """Vocabularies, texts (min(warmup + steps, 4) batches), map files and trainer configuration of `cfg`
+    (keys precision, config, reduce_map_mode, seed, batch_size, seq_len, warmup, steps, device)."""
+    voc = synthetic_vocabularies(size.teacher_vocab, size.student_vocab, rng)
+    n_batches = max(1, min(cfg["warmup"] + cfg["steps"], 4))
+    pool, batches = synthetic_pool(voc, n_batches, cfg["batch_size"], cfg["seq_len"], rng)
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+        paths = {"dir": tmp, **write_artifacts(voc, Path(tmp), cfg["seed"])}
+        tcfg = trainer_config(cfg["precision"], cfg["config"], paths, cfg["seed"], cfg["batch_size"], cfg["device"],
+                              cfg["reduce_map_mode"] == "logsumexp")
+        plan = tcfg.alignments(VocabSizes(size.teacher_vocab, size.student_vocab, {}))
+    counts = np.bincount(np.concatenate([q[1] for q in pool.seqs]), minlength=size.student_vocab)
+    token_probs = mlm_token_probs(counts, tcfg.mlm.smoothing, list(range(len(SPECIAL_TOKENS))))
+    collator = Collator(PAD, PAD, plan.t2s_input, size.student_vocab)
+    return StepData(pool, batches, tcfg, plan, token_probs, collator, pool_stats(collator, pool, batches))
 
 
 def pool_stats(collator: Collator, pool: SequencePool, batches: list[list[int]]) -> dict:
@@ -751,6 +787,19 @@ def parse_size(spec: str, sizes: dict[str, Size]) -> tuple[str, Size]:
     return name, dataclasses.replace(sizes.get(name, SIZES["demo"]), **changes)
 
 
+def add_step_arguments(p: argparse.ArgumentParser, unit: str) -> None:
+    """The options of a benchmark that times the trainer's step: data shape, steps, threads, device and the
+    worker process per `unit` (e.g. "configuration")."""
+    p.add_argument("--batch_size", type=int, default=4, help="texts per batch (the paper trains with 4 per GPU)")
+    p.add_argument("--seq_len", type=int, default=128, help="teacher tokens per text ([CLS] and [SEP] included)")
+    p.add_argument("--steps", type=int, default=3, help=f"timed steps per {unit} (steady state: after the warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--isolation", choices=("auto", "fork", "spawn", "none"), default="auto",
+                   help=f"worker process per {unit} (auto: fork on CPU, spawn on CUDA; none: in-process)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -765,17 +814,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reduce-map scores, comma-separated: logsumexp (--sum_probs, the paper's reduce-map runs) "
                         "and/or sum")
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated autocast precisions: fp32, bf16, fp16")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (steady state: after the warm-up)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one counts the FLOP)")
+    add_step_arguments(p, "configuration")
     p.add_argument("--profile_steps", type=int, default=1, help="extra steps under torch.profiler (0: none)")
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
-                   help="count FLOP per step with FlopCounterMode (one extra step)")
-    p.add_argument("--batch_size", type=int, default=4, help="texts per batch (the paper trains with 4 per GPU)")
-    p.add_argument("--seq_len", type=int, default=128, help="teacher tokens per text ([CLS] and [SEP] included)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--isolation", choices=("auto", "fork", "spawn", "none"), default="auto",
-                   help="worker process per configuration (auto: fork on CPU, spawn on CUDA; none: in-process)")
+                   help="count FLOP per step with FlopCounterMode (one extra step, the first warm-up step)")
     p.add_argument("--emulated_bf16", action="store_true",
                    help="run bf16 at every size even on a CPU that emulates it (by default only the smallest size)")
     p.add_argument("--quick", action="store_true",

@@ -615,3 +615,25 @@ def test_mlm_loss_without_targets_is_a_connected_zero():
     assert loss.item() == 0.0
     loss.backward()
     assert (logits.grad == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["sum", "logsumexp"])
+def test_reduce_map_under_bf16_autocast(impl, mode):
+    """Every implementation runs forward and backward inside CPU bf16 autocast (as train.py --precision bf16 runs
+    it) and agrees with the fp32 computation to bf16 precision."""
+    m = maps()
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(5, 6, generator=gen)
+    weight = torch.randn(N_STUDENT, 6, generator=gen)
+    kwargs = {"s2t_padded": m["s2t_padded"], "s2t_idxs_padded": m["s2t_idxs_padded"]}
+    results = []
+    for autocast in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = reduce_map_logits(h @ weight.t(), m["t2s"], mode, m["mapped"], impl, **kwargs)
+        z.float().pow(2).sum().backward()
+        results.append((z.detach().float(), h.grad))
+    (z32, g32), (z16, g16) = results
+    torch.testing.assert_close(z16, z32, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(g16, g32, rtol=1e-1, atol=1e-1 * float(g32.abs().max()))
