@@ -120,6 +120,8 @@ def test_torchrun_two_cpu_processes_agree(tmp_path, pipeline_out, teacher_dir):
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     log = (dump / "train.log").read_text()
     assert "2 process(es)" in log
+    for bar in ("Loading weights", "Writing model shards", "it/s]"):  # no per-load progress bars in the logs
+        assert bar not in proc.stderr and bar not in proc.stdout and bar not in log, bar
 
 
 def test_bad_inputs(tmp_path, pipeline_out, teacher_dir, capsys):
