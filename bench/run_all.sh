@@ -22,4 +22,5 @@ if [[ ${#quick[@]} -eq 0 ]]; then
 fi
 $py bench/parity.py --corpus "$corpus" "${quick[@]}"
 $py bench/teacher_cache.py "${quick[@]}"
+$py bench/real_scale.py --corpus "$corpus" "${quick[@]}"
 $py bench/collect.py

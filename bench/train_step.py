@@ -118,7 +118,7 @@ from kdcore.step_runner import StudentRunner  # noqa: E402
 from kdcore.teacher_cache import CacheShard  # noqa: E402
 from kdcore.tokenizer_utils import MAX_LEN  # noqa: E402
 from kdcore.trainer_core import PRECISIONS  # noqa: E402
-from lm_seqs_dataset import Collator, RawBatch  # noqa: E402
+from lm_seqs_dataset import Collator, LmSeqsDataset, RawBatch  # noqa: E402
 from matched_vocab import matched_tokens  # noqa: E402
 from student2teacher import invert  # noqa: E402
 from teacher_tokens_split import pad_splits  # noqa: E402
@@ -333,15 +333,17 @@ def trainer_config(precision: str, config: str, paths: dict[str, str], seed: int
 
 
 def make_distiller(cfg: TrainConfig, device: torch.device, runner: StudentRunner, teacher,
-                   pool: SequencePool, collator: Collator, token_probs: torch.Tensor | None) -> Distiller:
-    """The trainer's `Distiller`, built by its own constructor on the in-memory pool (single process)."""
-    special = {"pad": PAD, "unk": UNK, "cls": CLS, "sep": SEP, "mask": MASK}
+                   pool: SequencePool | LmSeqsDataset, collator: Collator, token_probs: torch.Tensor | None,
+                   special: dict[str, int] | None = None) -> Distiller:
+    """The trainer's `Distiller`, built by its own constructor on `pool` (the training and the validation
+    data; single process). `special`: the student's special-token ids (default: the synthetic ones)."""
+    special = special or {"pad": PAD, "unk": UNK, "cls": CLS, "sep": SEP, "mask": MASK}
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend=None)
     return Distiller(cfg, info, runner, teacher, pool, pool, collator, token_probs, special, None,
                      logging.getLogger("bench.train_step"))
 
 
-def train_step(distiller: Distiller, pool: SequencePool, indices: list[int]) -> int:
+def train_step(distiller: Distiller, pool: SequencePool | LmSeqsDataset, indices) -> int:
     """One update as `Distiller.train` does it (gradient accumulation 1): collate and copy the batch, losses
     under autocast, backward, the finiteness check, clipping + AdamW. Returns the batch's student tokens."""
     distiller.runner.train()
@@ -484,6 +486,39 @@ def set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
     return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
 
 
+def sparse_flop_mapping() -> dict:
+    """FlopCounterMode formulas for products with a sparse operand (reduce_map's `sparse` implementation):
+    2 x the stored entries x the dense operand's other dimension, where torch counts the backward's `aten.mm`
+    as dense and the forward's `aten._sparse_addmm` not at all."""
+
+    def mm(a, b, *args, out_val=None, **kwargs) -> int:
+        if a.layout != torch.strided:
+            return 2 * a._nnz() * b.shape[1]
+        if b.layout != torch.strided:
+            return 2 * b._nnz() * a.shape[0]
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+    def sparse_addmm(bias, a, b, *args, out_val=None, **kwargs) -> int:
+        return 2 * a._nnz() * b.shape[1]
+
+    for formula in (mm, sparse_addmm):
+        formula._get_raw = True  # called with the tensors, not their shapes
+    return {torch.ops.aten.mm: mm, torch.ops.aten._sparse_addmm: sparse_addmm}
+
+
+def count_flops(step, index: int) -> dict:
+    """Run `step(index)` under `FlopCounterMode` (the CPU flash-attention kernels counted with torch's SDPA
+    formulas, products with a sparse operand by their stored entries): {"flop_per_step": total, "flop_by_op":
+    {op: FLOP}}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping={**attention_flop_mapping(), **sparse_flop_mapping()})
+    with counter:
+        step(index)
+    return {"flop_per_step": counter.get_total_flops(),
+            "flop_by_op": {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}}
+
+
 def measure_steps(step, cfg: dict, device: torch.device, start: int) -> dict:
     """Peak memory and time of `cfg["steps"]` steps `step(start + k)` (each returns its token count).
 
@@ -547,14 +582,8 @@ def measure_config(cfg: dict) -> dict:
 
     index, flop = 0, {}
     if cfg["flops"]:  # the first warm-up step (an extra one with --warmup 0) counts the FLOP
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False, custom_mapping=attention_flop_mapping())
-        with counter:
-            step(index)
+        flop = count_flops(step, index)
         index += 1
-        flop = {"flop_per_step": counter.get_total_flops(),
-                "flop_by_op": {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}}
     while index < cfg["warmup"]:
         step(index)
         index += 1
@@ -787,11 +816,15 @@ def parse_size(spec: str, sizes: dict[str, Size]) -> tuple[str, Size]:
     return name, dataclasses.replace(sizes.get(name, SIZES["demo"]), **changes)
 
 
-def add_step_arguments(p: argparse.ArgumentParser, unit: str) -> None:
-    """The options of a benchmark that times the trainer's step: data shape, steps, threads, device and the
-    worker process per `unit` (e.g. "configuration")."""
-    p.add_argument("--batch_size", type=int, default=4, help="texts per batch (the paper trains with 4 per GPU)")
-    p.add_argument("--seq_len", type=int, default=128, help="teacher tokens per text ([CLS] and [SEP] included)")
+def add_step_arguments(p: argparse.ArgumentParser, unit: str, seq_len: bool = True,
+                       batch_size: int = 4) -> None:
+    """The options of a benchmark that times the trainer's step: data shape (`--seq_len` where the benchmark
+    makes its texts), steps, threads, device and the worker process per `unit` (e.g. "configuration")."""
+    p.add_argument("--batch_size", type=int, default=batch_size,
+                   help="texts per batch (the paper trains with 4 per GPU)")
+    if seq_len:
+        p.add_argument("--seq_len", type=int, default=128,
+                       help="teacher tokens per text ([CLS] and [SEP] included)")
     p.add_argument("--steps", type=int, default=3, help=f"timed steps per {unit} (steady state: after the warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available)")
@@ -827,16 +860,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_quick(a: argparse.Namespace, argv: list[str], values: dict) -> None:
+    """Set the `--quick` values in `a`, except those of options given on the command line `argv`."""
+    given = {arg.split("=")[0] for arg in argv}
+    for key, value in values.items():
+        if f"--{key}" not in given:
+            setattr(a, key, value)
+
+
+def gemm_peaks(precisions: list[str], base: dict, isolation: str, quick: bool) -> dict:
+    """The GEMM peak of every precision (`measure_gemm` in a worker of its own, malloc set for speed) on the
+    device and threads of `base`; shorter timings with `quick`. Prints each peak; a failure: `BenchError`."""
+    cpu = torch.device(base["device"]).type == "cpu"
+    scale = 0.1 if quick else 1.0  # shorter GEMM timings for the smoke run
+    limits = {"gemm_min_s": (0.05 if cpu else 0.002) * scale, "gemm_max_s": (0.5 if cpu else 0.05) * scale,
+              "gemm_max_n": 4096 if cpu else 16384, "gemm_budget_s": (0.2 if cpu else 0.05) * scale}
+    gemm = run_isolated(measure_gemm, {**base, "precisions": precisions, **limits}, isolation,
+                        child_setup=functools.partial(set_malloc, *MALLOC_FOR_SPEED))
+    if "error" in gemm:
+        raise BenchError(f"GEMM peak measurement failed: {gemm['error']}")
+    for precision, g in gemm.items():
+        print(f"GEMM peak {precision}: {g['flop_per_s'] / 1e9:.1f} GFLOP/s (n={g['n']}, {g['layout']}; "
+              + ", ".join(f"{k} {v['flop_per_s'] / 1e9:.1f}" for k, v in g["layouts"].items()) + ")",
+              file=sys.stderr, flush=True)
+    return gemm
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     a = p.parse_args(argv)
     if a.quick:
-        given = {arg.split("=")[0] for arg in argv}
-        quick = {"sizes": "tiny", "batch_size": 4, "seq_len": 32, "warmup": 1, "steps": 2, "profile_steps": 1}
-        for key, value in quick.items():
-            if f"--{key}" not in given:
-                setattr(a, key, value)
+        apply_quick(a, argv, {"sizes": "tiny", "batch_size": 4, "seq_len": 32, "warmup": 1, "steps": 2,
+                              "profile_steps": 1})
     sizes = dict(SIZES)
     for spec in a.size:
         name, size = parse_size(spec, sizes)
@@ -862,18 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"device": str(device), "threads": threads, "seed": a.seed, "isolated": isolation != "none"}
     print(f"device {device}, {threads} threads, isolation {isolation}", file=sys.stderr, flush=True)
 
-    cpu = device.type == "cpu"
-    scale = 0.1 if a.quick else 1.0  # shorter GEMM timings for the smoke run
-    gemm = run_isolated(measure_gemm, {**base, "precisions": precisions, "gemm_min_s": (0.05 if cpu else 0.002) * scale,
-                                         "gemm_max_s": (0.5 if cpu else 0.05) * scale, "gemm_max_n": 4096 if cpu else 16384,
-                                         "gemm_budget_s": (0.2 if cpu else 0.05) * scale}, isolation,
-                        child_setup=functools.partial(set_malloc, *MALLOC_FOR_SPEED))
-    if "error" in gemm:
-        raise BenchError(f"GEMM peak measurement failed: {gemm['error']}")
-    for precision, g in gemm.items():
-        print(f"GEMM peak {precision}: {g['flop_per_s'] / 1e9:.1f} GFLOP/s (n={g['n']}, {g['layout']}; "
-              + ", ".join(f"{k} {v['flop_per_s'] / 1e9:.1f}" for k, v in g["layouts"].items()) + ")",
-              file=sys.stderr, flush=True)
+    gemm = gemm_peaks(precisions, base, isolation, a.quick)
     emulated = "bf16" in precisions and not native_bf16(device) and not a.emulated_bf16
     smallest = min(names, key=lambda n: size_cost(sizes[n]))
     results = []
