@@ -32,13 +32,25 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, selectable_alignments
 from kdcore.artifacts import check_fingerprints, load_counts, read_manifest
 from kdcore.config import TrainConfig
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_write_json
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    from kdcore.alignments import AlignmentPlan
+    from kdcore.hidden_projection import HiddenLosses
+    from kdcore.step_runner import StudentRunner
+    from kdcore.teacher_cache import TeacherCache
+    from lm_seqs_dataset import Collator, LmSeqsDataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,22 +278,107 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
-    """This process's share of the run: load, check, build, train, export (rank 0 writes)."""
+@dataclass
+class Run:
+    """Everything a process of a run trains with, loaded and checked (`build_run`): the tokenizers, the alignment
+    plan, the teacher cache (or None), this process's data, the models (the teacher is None when nothing needs
+    it), the student's special-token ids, the MLM masking weights (None without masking), the collator, the
+    hidden-state losses (or None) and the `StudentRunner` that the Distiller trains."""
+
+    s_tok: PreTrainedTokenizerFast
+    t_tok: PreTrainedTokenizerFast | None
+    plan: AlignmentPlan
+    cache: TeacherCache | None
+    train_data: LmSeqsDataset
+    valid_data: LmSeqsDataset
+    student: PreTrainedModel
+    teacher: PreTrainedModel | None
+    special: dict[str, int]
+    token_probs: Tensor | None
+    collator: Collator
+    hidden: HiddenLosses | None
+    runner: StudentRunner
+
+
+def build_run(cfg: TrainConfig, dist_info) -> Run:
+    """Load, check and build what this process of the run trains with (nothing is written): train.py's factory,
+    also used by the benchmarks."""
     import dataclasses
 
     import numpy as np
 
     from custom_step import mlm_token_probs
-    from distiller import Distiller
     from kdcore.alignments import Vocabularies
-    from kdcore.hidden_projection import curvature_value
     from kdcore.model_io import load_student, load_teacher
     from kdcore.shard_io import open_shards, read_index
     from kdcore.step_runner import StudentRunner
     from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens
     from kdcore.trainer_core import build_hidden_losses
     from lm_seqs_dataset import Collator, LmSeqsDataset
+
+    d = cfg.data
+    s_tok = load_tokenizer(d.student_name, "student")
+    fingerprints = {"student": fingerprint(s_tok)}
+    t_tok = None
+    if d.teacher_name:
+        t_tok = load_tokenizer(d.teacher_name, "teacher")
+        fingerprints["teacher"] = fingerprint(t_tok)
+    index = read_index(d.binarized_data_folder)
+    check_fingerprints(index["fingerprints"], fingerprints, d.binarized_data_folder)
+    manifest = read_manifest(Path(d.binarized_data_folder).parent)
+    if manifest is not None:
+        check_fingerprints(manifest.get("fingerprints", {}), fingerprints, Path(d.binarized_data_folder).parent)
+    n_student = len(s_tok)
+    if index["student_vocab_size"] != n_student:
+        raise UserError(f"{d.binarized_data_folder} holds student ids of a {index['student_vocab_size']}-token "
+                        f"vocabulary, the student tokenizer has {n_student}")
+    n_teacher = index["teacher_vocab_size"]
+    plan = cfg.alignments(Vocabularies(n_teacher, n_student, fingerprints))
+    shards = assign_shards(open_shards(d.binarized_data_folder), dist_info.rank, dist_info.world_size)
+    cache = open_teacher_cache(cfg, plan, shards, fingerprints) if d.teacher_cache else None
+    cache_rows = [cache.check_rows(s, plan.kl.positions.teacher_row_flags(s)) for s in shards] if cache else None
+    train_data = LmSeqsDataset(shards, d.valid_prop, "train", cache_rows)
+    valid_data = LmSeqsDataset(shards, d.valid_prop, "valid", cache_rows)
+    if not train_data.has_match:
+        if plan.kl is not None and plan.kl.positions.needs_match_masks:
+            raise UserError(f"--align_logits {plan.kl.name} needs match masks in {d.binarized_data_folder}; run "
+                            "find_matching_ids.py on it")
+        if plan.hidden is not None and plan.hidden.needs_match_masks and cfg.hidden.strategy != "pool_and_project":
+            raise UserError(f"--align_hiddens {plan.hidden.name} needs match masks in {d.binarized_data_folder}; "
+                            "run find_matching_ids.py on it, or use --align_hiddens reduce")
+    if len(train_data) == 0:
+        raise UserError(f"no training sequences in {d.binarized_data_folder} for this process")
+    student = load_student(d.student_name, d.student_pretrained_weights)
+    freeze_embeddings(student, d.freeze_pos_embs, d.freeze_token_type_embds)
+    if student.config.vocab_size != n_student:
+        raise UserError(f"student config vocab_size {student.config.vocab_size} != tokenizer size {n_student}")
+    needs_teacher = cfg.losses.hidden or (cfg.losses.kl and cache is None)
+    teacher = load_teacher(d.teacher_name) if d.teacher_name and needs_teacher else None
+    if teacher is not None and teacher.config.vocab_size != n_teacher:
+        raise UserError(f"teacher vocab_size {teacher.config.vocab_size} != the shards' teacher vocabulary "
+                        f"{n_teacher}")
+    special = {role: s_tok.convert_tokens_to_ids(tok) for role, tok in special_tokens(s_tok).items()}
+    token_probs = None
+    if cfg.losses.alpha_mlm > 0 or (plan.kl is not None and plan.kl.positions.teacher_reads_student_ids):
+        counts = load_counts(d.student_token_counts, n_student) if d.student_token_counts else np.ones(n_student)
+        token_probs = mlm_token_probs(counts, cfg.mlm.smoothing, sorted({int(i) for i in s_tok.all_special_ids}))
+    t_pad = t_tok.pad_token_id if t_tok is not None else 0
+    collator = Collator(t_pad, special["pad"], plan.t2s_input, n_student, cache.encoding if cache is not None else None)
+    hidden = None
+    if cfg.hidden is not None:
+        hidden_cfg = cfg.hidden
+        if cfg.add_neg_size_constant:
+            hidden_cfg = dataclasses.replace(hidden_cfg, noise_prob=1.0 / max(len(train_data) * dist_info.world_size, 1))
+        hidden = build_hidden_losses(hidden_cfg, plan.hidden, teacher.config, student.config)
+    runner = StudentRunner(student, mlm=cfg.losses.alpha_mlm > 0, kl=plan.kl, hidden=hidden)
+    return Run(s_tok, t_tok, plan, cache, train_data, valid_data, student, teacher, special, token_probs, collator,
+               hidden, runner)
+
+
+def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
+    """This process's share of the run: build (`build_run`), train, export (rank 0 writes)."""
+    from distiller import Distiller
+    from kdcore.hidden_projection import curvature_value
     from setup_logger import setup_logger
     from utils import git_info, set_seed
 
@@ -290,61 +387,9 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
         dump = cfg.output.dump_path
         logger = setup_logger("train", None, dist_info.rank)
         set_seed(cfg.loop.seed + dist_info.rank)
-        s_tok = load_tokenizer(d.student_name, "student")
-        fingerprints = {"student": fingerprint(s_tok)}
-        t_tok = None
-        if d.teacher_name:
-            t_tok = load_tokenizer(d.teacher_name, "teacher")
-            fingerprints["teacher"] = fingerprint(t_tok)
-        index = read_index(d.binarized_data_folder)
-        check_fingerprints(index["fingerprints"], fingerprints, d.binarized_data_folder)
-        manifest = read_manifest(Path(d.binarized_data_folder).parent)
-        if manifest is not None:
-            check_fingerprints(manifest.get("fingerprints", {}), fingerprints, Path(d.binarized_data_folder).parent)
-        n_student = len(s_tok)
-        if index["student_vocab_size"] != n_student:
-            raise UserError(f"{d.binarized_data_folder} holds student ids of a {index['student_vocab_size']}-token "
-                            f"vocabulary, the student tokenizer has {n_student}")
-        n_teacher = index["teacher_vocab_size"]
-        plan = cfg.alignments(Vocabularies(n_teacher, n_student, fingerprints))
-        shards = assign_shards(open_shards(d.binarized_data_folder), dist_info.rank, dist_info.world_size)
-        cache = open_teacher_cache(cfg, plan, shards, fingerprints) if d.teacher_cache else None
-        cache_rows = [cache.check_rows(s, plan.kl.positions.teacher_row_flags(s)) for s in shards] if cache else None
-        train_data = LmSeqsDataset(shards, d.valid_prop, "train", cache_rows)
-        valid_data = LmSeqsDataset(shards, d.valid_prop, "valid", cache_rows)
-        if not train_data.has_match:
-            if plan.kl is not None and plan.kl.positions.needs_match_masks:
-                raise UserError(f"--align_logits {plan.kl.name} needs match masks in {d.binarized_data_folder}; run "
-                                "find_matching_ids.py on it")
-            if plan.hidden is not None and plan.hidden.needs_match_masks and cfg.hidden.strategy != "pool_and_project":
-                raise UserError(f"--align_hiddens {plan.hidden.name} needs match masks in {d.binarized_data_folder}; "
-                                "run find_matching_ids.py on it, or use --align_hiddens reduce")
-        if len(train_data) == 0:
-            raise UserError(f"no training sequences in {d.binarized_data_folder} for this process")
-        student = load_student(d.student_name, d.student_pretrained_weights)
-        freeze_embeddings(student, d.freeze_pos_embs, d.freeze_token_type_embds)
-        if student.config.vocab_size != n_student:
-            raise UserError(f"student config vocab_size {student.config.vocab_size} != tokenizer size {n_student}")
-        needs_teacher = cfg.losses.hidden or (cfg.losses.kl and cache is None)
-        teacher = load_teacher(d.teacher_name) if d.teacher_name and needs_teacher else None
-        if teacher is not None and teacher.config.vocab_size != n_teacher:
-            raise UserError(f"teacher vocab_size {teacher.config.vocab_size} != the shards' teacher vocabulary "
-                            f"{n_teacher}")
-        s_special = {role: s_tok.convert_tokens_to_ids(tok) for role, tok in special_tokens(s_tok).items()}
-        token_probs = None
-        if cfg.losses.alpha_mlm > 0 or (plan.kl is not None and plan.kl.positions.teacher_reads_student_ids):
-            counts = load_counts(d.student_token_counts, n_student) if d.student_token_counts else np.ones(n_student)
-            token_probs = mlm_token_probs(counts, cfg.mlm.smoothing, sorted({int(i) for i in s_tok.all_special_ids}))
-        t_pad = t_tok.pad_token_id if t_tok is not None else 0
-        collator = Collator(t_pad, s_special["pad"], plan.t2s_input, n_student,
-                            cache.encoding if cache is not None else None)
-        hidden = None
-        if cfg.hidden is not None:
-            hidden_cfg = cfg.hidden
-            if cfg.add_neg_size_constant:
-                hidden_cfg = dataclasses.replace(hidden_cfg, noise_prob=1.0 / max(len(train_data) * dist_info.world_size, 1))
-            hidden = build_hidden_losses(hidden_cfg, plan.hidden, teacher.config, student.config)
-        runner = StudentRunner(student, mlm=cfg.losses.alpha_mlm > 0, kl=plan.kl, hidden=hidden)
+        run = build_run(cfg, dist_info)
+        plan, cache, teacher, student, hidden = run.plan, run.cache, run.teacher, run.student, run.hidden
+        train_data, valid_data, collator = run.train_data, run.valid_data, run.collator
         curvature_source = valid_data if len(valid_data) else train_data
         writer = None
         if dist_info.is_master:
@@ -380,8 +425,8 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
         curvature = cfg.curvature if hidden is not None and hidden.hyperbolic is not None else None
         if curvature is not None and curvature.initial and not cfg.output.load_from_checkpoint:
             precompute_curvature(cfg, hidden, teacher, student, curvature_source, collator, dist_info, logger, 0)
-        distiller = Distiller(cfg, dist_info, runner, teacher, train_data, valid_data, collator, token_probs, s_special,
-                              s_tok, logger, writer)
+        distiller = Distiller(cfg, dist_info, run.runner, teacher, train_data, valid_data, collator, run.token_probs,
+                              run.special, run.s_tok, logger, writer)
         distiller.command = " ".join(shlex.quote(arg) for arg in ["train.py", *argv])
         if curvature is not None and curvature.recompute_after_epoch:
             distiller.epoch_end_hooks.append(lambda dst: precompute_curvature(

@@ -230,52 +230,28 @@ def trainer_argv(cfg: dict) -> list[str]:
     return argv + CONFIGS[cfg["config"]]  # last: the hyperbolic sub-command ends the command line
 
 
-def build_run(cfg: dict, device: torch.device) -> tuple[ts.Distiller, ts.LmSeqsDataset, dict]:
-    """(Distiller, training data, facts) of the configuration, built in train.py `train_process`'s order."""
-    from custom_step import mlm_token_probs
-    from kdcore.alignments import Vocabularies
-    from kdcore.artifacts import check_fingerprints, load_counts
+def build_step(cfg: dict, device: torch.device) -> tuple[ts.Distiller, ts.LmSeqsDataset, dict]:
+    """(Distiller, training data, facts) of the configuration: train.py's own factory (`train.build_run`) on the
+    configuration's command line, then train_step's `make_distiller` over the training data (single process)."""
     from kdcore.config import TrainConfig
-    from kdcore.model_io import load_student, load_teacher
-    from kdcore.shard_io import open_shards, read_index
-    from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens
-    from kdcore.trainer_core import build_hidden_losses
-    from lm_seqs_dataset import LmSeqsDataset
-    from train import build_parser
+    from kdcore.shard_io import read_index
+    from train import build_parser, build_run
+    from utils import DistInfo
 
     tcfg = TrainConfig.from_args(build_parser().parse_args(trainer_argv(cfg)))
-    d = tcfg.data
-    s_tok = load_tokenizer(d.student_name, "student")
-    fingerprints = {"student": fingerprint(s_tok)}
-    t_tok = None
-    if d.teacher_name:
-        t_tok = load_tokenizer(d.teacher_name, "teacher")
-        fingerprints["teacher"] = fingerprint(t_tok)
-    index = read_index(d.binarized_data_folder)
-    check_fingerprints(index["fingerprints"], fingerprints, d.binarized_data_folder)
-    n_student, n_teacher = len(s_tok), index["teacher_vocab_size"]
-    plan = tcfg.alignments(Vocabularies(n_teacher, n_student, fingerprints))
-    data = LmSeqsDataset(open_shards(d.binarized_data_folder), d.valid_prop, "train")
-    student = load_student(d.student_name, d.student_pretrained_weights)
-    teacher = load_teacher(d.teacher_name) if d.teacher_name else None
-    special = {role: s_tok.convert_tokens_to_ids(tok) for role, tok in special_tokens(s_tok).items()}
-    token_probs = mlm_token_probs(load_counts(d.student_token_counts, n_student), tcfg.mlm.smoothing,
-                                  sorted({int(i) for i in s_tok.all_special_ids}))
-    collator = ts.Collator(t_tok.pad_token_id if t_tok is not None else 0, special["pad"], plan.t2s_input,
-                           n_student)
-    hidden = (build_hidden_losses(tcfg.hidden, plan.hidden, teacher.config, student.config)
-              if tcfg.hidden is not None else None)
-    runner = ts.StudentRunner(student, mlm=tcfg.losses.alpha_mlm > 0, kl=plan.kl, hidden=hidden)
-    distiller = ts.make_distiller(tcfg, device, runner, teacher, data, collator, token_probs, special)
-    kl = plan.kl
+    run = build_run(tcfg, DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend=None))
+    distiller = ts.make_distiller(tcfg, device, run.runner, run.teacher, run.train_data, run.collator,
+                                  run.token_probs, run.special)
+    kl, teacher, hidden = run.plan.kl, run.teacher, run.hidden
     facts = {"kl": kl.describe() if kl is not None else None,
              "approximation": kl.approximation() if kl is not None else None,
-             "reduce_map_impl": getattr(kl, "impl", None), "teacher_vocab": n_teacher,
-             "student_vocab": n_student, "train_sequences": len(data),
-             "student_params": sum(p.numel() for p in student.parameters()),
+             "reduce_map_impl": getattr(kl, "impl", None),
+             "teacher_vocab": read_index(tcfg.data.binarized_data_folder)["teacher_vocab_size"],
+             "student_vocab": len(run.s_tok), "train_sequences": len(run.train_data),
+             "student_params": sum(p.numel() for p in run.student.parameters()),
              "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
              "hidden_params": sum(p.numel() for p in hidden.parameters() if p.requires_grad) if hidden else 0}
-    return distiller, data, facts
+    return distiller, run.train_data, facts
 
 
 def measure_config(cfg: dict) -> dict:
@@ -284,7 +260,7 @@ def measure_config(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     t0 = time.perf_counter()
-    distiller, data, facts = build_run(cfg, device)
+    distiller, data, facts = build_step(cfg, device)
     batches = distiller.sampler.batches(0)[:min(cfg["steps"], MAX_BATCHES)]
     setup_s = time.perf_counter() - t0
 
