@@ -187,7 +187,7 @@ class Distiller:
         started = time.perf_counter()
         progress = self._progress()
         sums: dict[str, float] = {}
-        tokens, t_last, stop = 0, time.perf_counter(), False
+        tokens, t_last, stop = 0, time.perf_counter(), self._finished()
         while self.state.epoch < self.cfg.loop.n_epoch and not stop:
             if self.sampler.state_dict()["batches_done"] == 0:
                 self.sampler.set_epoch(self.state.epoch)
@@ -240,6 +240,12 @@ class Distiller:
                 self.logger.warning("the processes ended with different weights: gradient synchronisation failed")
             self.export(self.dump)
         return self.state
+
+    def _finished(self) -> bool:
+        """True when the state (a resumed checkpoint's) already ended training: max_steps reached or the
+        validation patience spent. A run killed after its last checkpoint then only exports again."""
+        patience = self.cfg.loop.valid_epochs_patience
+        return self.state.global_step >= self.total_steps or bool(patience and self.state.bad_validations >= patience)
 
     def _fail_nonfinite(self) -> None:
         raise UserError(f"the loss became NaN/inf at update {self.state.global_step + 1}; training stopped. The last "

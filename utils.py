@@ -39,7 +39,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """True when this process joined a process group (every torchrun launch, even of one process)."""
+        return self.backend is not None
 
 
 def choose_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -55,14 +56,16 @@ def choose_device(preference: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device_preference: str = "auto") -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and join the process
-    group: nccl for GPUs, gloo for CPU processes. Without torchrun: a single process. A process that joined
-    leaves with `shutdown_distributed` (success) and ends with `end_process` (any outcome)."""
+    group: nccl for GPUs, gloo for CPU processes. A torchrun launch joins even with one process (its
+    TORCHELASTIC_RUN_ID is set), so that one GPU runs the same nccl, DDP and collective code as many. Without
+    torchrun: a single process, no group. A process that joined leaves with `shutdown_distributed` (success)
+    and ends with `end_process` (any outcome)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = choose_device(device_preference, local_rank)
     backend = None
-    if world_size > 1:
+    if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)

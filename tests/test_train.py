@@ -104,6 +104,26 @@ def test_resume_equals_uninterrupted(tmp_path, pipeline_out, teacher_dir):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     assert json.loads((part / "train_summary.json").read_text())["global_step"] == 6
+    # killed during the final export: resuming from the last checkpoint trains no further, exports the same student
+    before = final_weights(full)
+    (full / "model.safetensors").unlink()
+    assert run_train(train_argv(pipeline_out, full, "--max_steps", "6", "--load_from_checkpoint", str(full),
+                                *flags)) == 0
+    assert json.loads((full / "train_summary.json").read_text())["global_step"] == 6
+    after = final_weights(full)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_after_patience_ran_out_does_not_train_on(tmp_path, pipeline_out):
+    """A run that stopped on validation patience, resumed from its last checkpoint, stays stopped."""
+    dump = tmp_path / "dump"
+    flags = ["--alpha_mlm", "1.0", "--checkpoint_interval", "1", "--valid_epochs_patience", "1",
+             "--learning_rate", "5e-2", "--max_steps", "40"]
+    assert run_train(train_argv(pipeline_out, dump, *flags)) == 0
+    step = json.loads((dump / "train_summary.json").read_text())["global_step"]
+    assert step < 40  # patience stopped it
+    assert run_train(train_argv(pipeline_out, dump, *flags, "--load_from_checkpoint", str(dump))) == 0
+    assert json.loads((dump / "train_summary.json").read_text())["global_step"] == step
 
 
 def test_torchrun_two_cpu_processes_agree(tmp_path, pipeline_out, teacher_dir):
