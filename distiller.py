@@ -6,8 +6,9 @@ and its step and the learning-rate schedule are the trainer core's (`kdcore/trai
 Schedule: AdamW; the learning rate is base_lr x warm-up factor (linear over the first `warmup_prop` of the planned
 updates, then 1) x plateau factor (`PlateauScaler`: multiplied by `reduce_factor` when the validation loss stops
 improving, as torch's ReduceLROnPlateau). Checkpoints hold the full state (model, optimizer, scaler, schedules,
-sampler position, counters and every rank's RNG states) and are written atomically, so `--load_from_checkpoint`
-continues exactly where a run stopped.
+sampler position, counters and every rank's RNG states), are written under a temp name with a checksummed
+`manifest.json` last and then renamed, and are verified on load, so `--load_from_checkpoint` / `--resume auto`
+continue exactly where a run stopped and never read a half-written or damaged checkpoint.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from grouped_batch_sampler import GroupedBatchSampler
 from kdcore.alignments import StudentPass
 from kdcore.config import TrainConfig
 from kdcore.errors import UserError
-from kdcore.fsutil import atomic_write_json, staged_dir, temp_sibling
+from kdcore.fsutil import (
+    atomic_write_json,
+    manifest_problem,
+    staged_dir,
+    temp_sibling,
+    write_manifest,
+    writing,
+)
 from kdcore.model_io import model_card
 from kdcore.step_runner import StudentRunner, combine_losses, teacher_forward
 from kdcore.teacher_cache import CachedTeacher
@@ -338,6 +346,7 @@ class Distiller:
             if self.writer is not None:
                 for name, value in scalars.items():
                     self.writer.add_scalar(name, value, step)
+                self.writer.flush()
             self.logger.info(f"step {step}: " + " ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in scalars.items()))
 
     # ----- checkpoints --------------------------------------------------------------------------------
@@ -354,8 +363,10 @@ class Distiller:
         generators = self._gather(self.generator.get_state())
         final = self.dump / CHECKPOINTS / str(self.state.global_step)
         if self.dist.is_master:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            with staged_dir(final) as tmp:
+            previous = self.state.last_checkpoint
+            fix = (f"free disk space, then relaunch the same command with --resume auto (the last complete checkpoint "
+                   f"is {previous or '(none yet)'})")
+            with writing(final, "checkpoint", fix), staged_dir(final) as tmp:
                 save_model(self.runner, str(tmp / "model.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 self.state.last_checkpoint = str(final)
@@ -364,6 +375,7 @@ class Distiller:
                             "state": json.dumps(vars(self.state)), "world_size": self.dist.world_size},
                            tmp / "trainer_state.pt")
                 atomic_write_json(tmp / "state.json", {**vars(self.state), "world_size": self.dist.world_size})
+                write_manifest(tmp, {"global_step": self.state.global_step})
             for old in sorted((p for p in final.parent.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))[
                     :-KEEP_CHECKPOINTS]:
                 shutil.rmtree(old)
@@ -376,6 +388,10 @@ class Distiller:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore everything `save_checkpoint` wrote; the run continues exactly where it stopped."""
         path = resolve_checkpoint(path)
+        problem = manifest_problem(path)
+        if problem is not None:
+            raise UserError(f"cannot resume from checkpoint {path}: damaged or incomplete ({problem}); resume from an earlier "
+                            f"checkpoint in {path.parent}, or pass the dump_path to take the newest complete one")
         try:
             load_model(self.runner, str(path / "model.safetensors"), device=str(self.device))
             load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device,
@@ -408,7 +424,12 @@ class Distiller:
 
     def export(self, directory: Path) -> None:
         """Save the student as an HF model directory (config, safetensors, tokenizer files, vocab.txt, and a model
-        card README.md)."""
+        card README.md), file by file under temp names."""
+        fix = "free disk space, then relaunch the same command with --resume auto (it exports again)"
+        with writing(directory, "the student export", fix):
+            self._export(directory)
+
+    def _export(self, directory: Path) -> None:
         from kdcore.tokenizer_utils import write_vocab_txt
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -424,14 +445,28 @@ class Distiller:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def newest_checkpoint(dump: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """(the newest checkpoint of `dump` whose manifest verifies, or None; "path: problem" of each newer one that
+    does not)."""
+    root = Path(dump) / CHECKPOINTS
+    steps = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if root.is_dir() else []
+    skipped = []
+    for path in reversed(steps):
+        problem = manifest_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"{path}: {problem}")
+    return None, skipped
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a dump_path."""
+    """A checkpoint directory, or the newest complete checkpoint of a dump_path."""
     path = Path(path)
     if (path / "trainer_state.pt").is_file():
         return path
-    root = path / CHECKPOINTS
-    steps = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if root.is_dir() else []
-    if not steps:
+    found, skipped = newest_checkpoint(path)
+    if found is None:
         raise UserError(f"--load_from_checkpoint {path} is neither a checkpoint (no trainer_state.pt) nor a dump_path "
-                        "with checkpoints/; pass dump_path/checkpoints/<step>")
-    return steps[-1]
+                        f"with a complete checkpoint{' (' + '; '.join(skipped) + ')' if skipped else ''}; pass "
+                        "dump_path/checkpoints/<step>")
+    return found

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING
 
 from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, selectable_alignments
 from kdcore.artifacts import check_fingerprints, load_counts, read_manifest
-from kdcore.config import TrainConfig
+from kdcore.config import RESUME_MODES, TrainConfig
 from kdcore.errors import UserError
-from kdcore.fsutil import atomic_write_json
+from kdcore.fsutil import atomic_write_json, remove_stale_temps
+from kdcore.tb_log import ScalarLog
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -65,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard_log_name", default="run", help="TensorBoard run name")
     g.add_argument("--log_interval", type=int, default=50, help="updates between training logs")
     g.add_argument("--checkpoint_interval", type=int, default=1000, help="updates between validations/checkpoints")
-    g.add_argument("--load_from_checkpoint", help="resume from dump_path/checkpoints/<step> (or a dump_path)")
+    g.add_argument("--load_from_checkpoint", help="resume from dump_path/checkpoints/<step> (or a dump_path: its "
+                   "newest complete checkpoint)")
+    g.add_argument("--resume", choices=RESUME_MODES, default="never",
+                   help="auto: resume from the newest complete checkpoint in --dump_path when there is one, else start; "
+                        "relaunching the same command after a crash continues the run")
 
     g = p.add_argument_group("data and models")
     g.add_argument("--pipeline_dir", help="a run_pipeline.py --out_dir: fills every data and artifact flag below that "
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not train the student's token-type embeddings (BERT students)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--dist_timeout_s", type=int, default=1800,
+                   help="seconds a collective waits for a peer before the job fails (torchrun)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     g.add_argument("--teacher_precision", choices=("fp32", "bf16", "fp16"),
                    help="autocast precision of the frozen teacher's forward (default: --precision)")
@@ -230,6 +237,24 @@ def prepare_dump(cfg: TrainConfig) -> None:
     dump.mkdir(parents=True, exist_ok=True)
 
 
+def resume_point(cfg: TrainConfig) -> tuple[Path | None, list[str]]:
+    """(the checkpoint this run continues from or None, "path: problem" of each newer checkpoint skipped):
+    --load_from_checkpoint (a checkpoint, or a dump_path's newest complete one), or with --resume auto the newest
+    complete checkpoint of --dump_path. Every rank reads the same directory, so all decide alike."""
+    from distiller import CHECKPOINTS, newest_checkpoint, resolve_checkpoint
+
+    out = cfg.output
+    if out.load_from_checkpoint:
+        return resolve_checkpoint(out.load_from_checkpoint), []
+    if out.resume != "auto":
+        return None, []
+    found, skipped = newest_checkpoint(out.dump_path)
+    if found is None and skipped:
+        raise UserError(f"--resume auto: no checkpoint in {out.dump_path / CHECKPOINTS} is complete "
+                        f"({'; '.join(skipped)}); pass one with --load_from_checkpoint, or start again with --force")
+    return found, skipped
+
+
 def precompute_curvature(cfg: TrainConfig, hidden, teacher, student, data, collator, dist_info, logger,
                          epoch: int) -> float:
     """Estimate c from the teacher's or the student's outputs on `data` (`delta.sample_output_vectors`, averaged
@@ -272,7 +297,7 @@ def run(a: argparse.Namespace, argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from utils import init_distributed, shutdown_distributed
 
-    dist_info = init_distributed(cfg.loop.device)
+    dist_info = init_distributed(cfg.loop.device, cfg.loop.dist_timeout_s)
     train_process(cfg, dist_info, argv)
     shutdown_distributed(dist_info)  # after train_process returned: its Distiller and DDP module are garbage now
     return 0
@@ -377,7 +402,7 @@ def build_run(cfg: TrainConfig, dist_info) -> Run:
 
 def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
     """This process's share of the run: build (`build_run`), train, export (rank 0 writes)."""
-    from distiller import Distiller
+    from distiller import CHECKPOINTS, Distiller
     from kdcore.hidden_projection import curvature_value
     from setup_logger import setup_logger
     from utils import git_info, set_seed
@@ -392,14 +417,21 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
         train_data, valid_data, collator = run.train_data, run.valid_data, run.collator
         curvature_source = valid_data if len(valid_data) else train_data
         writer = None
+        checkpoint, skipped = resume_point(cfg)
+        resumed_step = int(checkpoint.name) if checkpoint is not None and checkpoint.name.isdigit() else None
         if dist_info.is_master:
             prepare_dump(cfg)
             logger = setup_logger("train", dump / "train.log", dist_info.rank)
-            from tensorboardX import SummaryWriter
-
+            for problem in skipped:
+                logger.warning(f"--resume auto: skipping the damaged or incomplete checkpoint {problem}")
+            removed = [name for sub in ("", CHECKPOINTS, "best") for name in remove_stale_temps(dump / sub)]
+            if removed:
+                logger.info(f"removed what an interrupted run left half-written: {', '.join(removed)}")
             out = cfg.output
             tb_root = Path(out.tensorboard_logs_path) if out.tensorboard_logs_path else dump / "tensorboard"
-            writer = closing.enter_context(SummaryWriter(logdir=str(tb_root / out.tensorboard_log_name)))
+            # resumed: TensorBoard drops the killed run's events after the checkpoint's update
+            writer = closing.enter_context(ScalarLog(tb_root / out.tensorboard_log_name,
+                                                     purge_step=None if resumed_step is None else resumed_step + 1))
             atomic_write_json(dump / "parameters.json", {**cfg.to_json(), "world_size": dist_info.world_size,
                                                          "device": str(dist_info.device)})
             atomic_write_json(dump / "git_log.json", git_info(Path(__file__).parent))
@@ -423,7 +455,7 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
                             f"{hidden.cfg.project_to}; {sum(p.numel() for p in hidden.parameters() if p.requires_grad):,} "
                             f"trainable parameters{'; hyperbolic' if hidden.hyperbolic is not None else ''}")
         curvature = cfg.curvature if hidden is not None and hidden.hyperbolic is not None else None
-        if curvature is not None and curvature.initial and not cfg.output.load_from_checkpoint:
+        if curvature is not None and curvature.initial and checkpoint is None:
             precompute_curvature(cfg, hidden, teacher, student, curvature_source, collator, dist_info, logger, 0)
         distiller = Distiller(cfg, dist_info, run.runner, teacher, train_data, valid_data, collator, run.token_probs,
                               run.special, run.s_tok, logger, writer)
@@ -432,10 +464,12 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
             distiller.epoch_end_hooks.append(lambda dst: precompute_curvature(
                 cfg, hidden, dst.teacher, dst.runner.student, curvature_source, collator, dist_info, logger,
                 dst.state.epoch))
-        if cfg.output.load_from_checkpoint:
-            distiller.load_checkpoint(cfg.output.load_from_checkpoint)
+        if checkpoint is not None:
+            distiller.load_checkpoint(checkpoint)
             if dist_info.is_master:
-                logger.info(f"resumed at update {distiller.state.global_step} from {cfg.output.load_from_checkpoint}")
+                logger.info(f"resumed at update {distiller.state.global_step} from {checkpoint}")
+        elif cfg.output.resume == "auto" and dist_info.is_master:
+            logger.info(f"--resume auto: no checkpoint in {dump}, starting")
         state = distiller.train()
         if dist_info.is_master:
             atomic_write_json(dump / "train_summary.json", {

@@ -3,6 +3,7 @@ state, memory readings, git information and the AdamW constructor of both traine
 
 from __future__ import annotations
 
+import datetime
 import gc
 import importlib
 import logging
@@ -54,12 +55,12 @@ def choose_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def init_distributed(device_preference: str = "auto") -> DistInfo:
+def init_distributed(device_preference: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and join the process
     group: nccl for GPUs, gloo for CPU processes. A torchrun launch joins even with one process (its
     TORCHELASTIC_RUN_ID is set), so that one GPU runs the same nccl, DDP and collective code as many. Without
     torchrun: a single process, no group. A process that joined leaves with `shutdown_distributed` (success)
-    and ends with `end_process` (any outcome)."""
+    and ends with `end_process` (any outcome). A collective that waits `timeout_s` seconds for a peer fails."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,7 +79,8 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
             # 2 live "pt_gloo_runloop" threads after destroy_process_group without this import, 0 with it.
             importlib.import_module("torch._dynamo")
 
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world_size, local_rank, device, backend)
 
 

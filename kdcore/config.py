@@ -30,7 +30,9 @@ from kdcore.trainer_core import CurvatureConfig, hidden_config
 class OutputConfig:
     """Where and how often the run writes: `dump_path` (refused when it holds files, unless `force`, which empties
     it, or a resume), TensorBoard, training logs every `log_interval` updates, validation + checkpoint every
-    `checkpoint_interval` updates."""
+    `checkpoint_interval` updates. Resume from `load_from_checkpoint` (a checkpoint or a dump_path: its newest
+    complete checkpoint), or with `resume` "auto" from the newest complete checkpoint in `dump_path` when there
+    is one (a fresh start otherwise), so that a relaunch after a crash is the same command."""
 
     dump_path: Path
     force: bool = False
@@ -39,6 +41,7 @@ class OutputConfig:
     log_interval: int = 50
     checkpoint_interval: int = 1000
     load_from_checkpoint: str | None = None
+    resume: str = "never"
 
 
 @dataclass(frozen=True)
@@ -116,13 +119,15 @@ class OptimConfig:
 @dataclass(frozen=True)
 class LoopConfig:
     """How long and where: `n_epoch` epochs or `max_steps` updates (0: the epochs decide), early stop after
-    `valid_epochs_patience` validations without improvement (0: never), the seed and `--device`."""
+    `valid_epochs_patience` validations without improvement (0: never), the seed, `--device`, and the seconds a
+    collective may wait for a peer before the process group fails (`dist_timeout_s`)."""
 
     n_epoch: int = 3
     max_steps: int = 0
     valid_epochs_patience: int = 0
     seed: int = 42
     device: str = "auto"
+    dist_timeout_s: int = 1800
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class TrainConfig:
         losses = LossConfig(a.temperature, *default_alphas(a), a.alpha_mse, a.alpha_cos, a.alpha_contrastive)
         return cls(
             output=OutputConfig(Path(a.dump_path), a.force, a.tensorboard_logs_path, a.tensorboard_log_name,
-                                a.log_interval, a.checkpoint_interval, a.load_from_checkpoint),
+                                a.log_interval, a.checkpoint_interval, a.load_from_checkpoint, a.resume),
             data=DataConfig(a.binarized_data_folder, a.student_name, a.student_pretrained_weights, a.teacher_name,
                             a.student_token_counts, a.valid_prop, a.batch_size, a.group_by_size, a.freeze_pos_embs,
                             a.freeze_token_type_embds, a.teacher_cache),
@@ -170,7 +175,7 @@ class TrainConfig:
             optim=OptimConfig(a.learning_rate, a.weight_decay, a.adam_epsilon, (0.9, 0.98), a.max_grad_norm,
                               a.warmup_prop, a.reduce_factor, a.gradient_accumulation_steps, a.precision,
                               a.teacher_precision),
-            loop=LoopConfig(a.n_epoch, a.max_steps, a.valid_epochs_patience, a.seed, a.device),
+            loop=LoopConfig(a.n_epoch, a.max_steps, a.valid_epochs_patience, a.seed, a.device, a.dist_timeout_s),
             hidden=hidden_config(a, None) if losses.hidden else None,
             add_neg_size_constant=a.add_neg_size_constant,
             curvature=CurvatureConfig.from_args(a) if losses.hidden else None,
@@ -235,14 +240,23 @@ class TrainConfig:
                             ("log_interval", o.log_interval), ("checkpoint_interval", o.checkpoint_interval)):
             if value < 1:
                 raise UserError(f"--{flag} must be at least 1")
+        if self.loop.dist_timeout_s < 1:
+            raise UserError("--dist_timeout_s must be at least 1")
+        if o.resume not in RESUME_MODES:
+            raise UserError(f"--resume {o.resume}: choose one of {', '.join(RESUME_MODES)}")
+        if o.resume == "auto" and (o.force or o.load_from_checkpoint):
+            raise UserError("--resume auto resumes from the newest checkpoint in --dump_path: drop --force (it would "
+                            "delete them) and --load_from_checkpoint")
         dump = o.dump_path
-        if dump.exists() and any(dump.iterdir()) and not (o.force or o.load_from_checkpoint):
-            raise UserError(f"--dump_path {dump} already exists; pass --force to overwrite it or --load_from_checkpoint "
-                            "to resume")
+        if dump.exists() and any(dump.iterdir()) and not (o.force or o.load_from_checkpoint or o.resume == "auto"):
+            raise UserError(f"--dump_path {dump} already exists; pass --force to overwrite it, or --resume auto "
+                            "(or --load_from_checkpoint) to resume")
         for flag in ("binarized_data_folder", "student_name"):
             if not Path(getattr(self.data, flag)).is_dir():
                 raise UserError(f"--{flag} {getattr(self.data, flag)} is not a directory")
 
+
+RESUME_MODES = ("never", "auto")
 
 TEACHER_ALPHAS = (2.0, 0.5)
 """(alpha_ce, alpha_mlm) when a teacher is given and the command line leaves them out: the paper's weights."""

@@ -1,15 +1,26 @@
-"""Atomic file and directory writes: write under a temp name, then rename into place."""
+"""Atomic file and directory writes: write under a temp name, then rename into place; failed writes (a full
+disk, a file-size limit) as one-line errors; checksummed directory manifests; removal of the temp names a killed
+process left behind."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+
+from kdcore.errors import UserError
+
+TEMP_NAME = re.compile(r"\.(tmp|old)-\d+(\.npy)?$")
+"""The names this module writes under before a rename (`name.tmp-PID`, `name.old-PID`, `name.tmp-PID.npy`)."""
+MANIFEST = "manifest.json"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -63,3 +74,62 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish_dir(tmp, final)
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
+    """Turn a failed write inside the block (OSError such as ENOSPC/EFBIG, torch's and safetensors' write errors)
+    into a one-line `UserError` naming `what` and `path`, followed by `fix`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot write {what} {path} ({reason}; a full disk or a file-size limit?); {fix}") from err
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
+    """Delete the temp files and directories (`TEMP_NAME`) that a killed writer left in `directory` (not
+    recursive); returns their names. Call it only where no other process is writing."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for item in directory.iterdir():
+            if TEMP_NAME.search(item.name):
+                if item.is_dir() and not item.is_symlink():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+                removed.append(item.name)
+    return sorted(removed)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_manifest(directory: Path, extra: dict | None = None) -> None:
+    """Write `directory/manifest.json` (last): the size and SHA-256 of every other file in it, plus `extra`."""
+    files = {item.name: {"bytes": item.stat().st_size, "sha256": sha256_file(item)}
+             for item in sorted(directory.iterdir()) if item.is_file() and item.name != MANIFEST}
+    atomic_write_json(directory / MANIFEST, {**(extra or {}), "files": files})
+
+
+def manifest_problem(directory: Path) -> str | None:
+    """None when `directory/manifest.json` exists and every file it lists has its size and SHA-256; else what is
+    wrong, in a few words."""
+    try:
+        files = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (incomplete, or written before checksums)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST} ({type(err).__name__})"
+    for name, facts in files.items():
+        item = directory / name
+        if not item.is_file():
+            return f"{name} is missing"
+        if item.stat().st_size != facts["bytes"] or sha256_file(item) != facts["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
