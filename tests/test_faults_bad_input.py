@@ -192,9 +192,8 @@ class Env:
     def demo_cache(self) -> Path:
         """A --cache_dir holding a built corpus (get_corpus.py's ru_sentences.txt and topics.tsv)."""
         corpus = self.tmp / "demo_cache" / "corpus"
-        self.copy(self.corpus, "ru_sentences.txt")
         corpus.mkdir(parents=True)
-        shutil.move(self.tmp / "ru_sentences.txt", corpus / "ru_sentences.txt")
+        shutil.copy(self.corpus, corpus / "ru_sentences.txt")
         lines = self.corpus.read_text(encoding="utf-8").splitlines()
         write(corpus / "topics.tsv", "text\ttopic\n" + "".join(f"{t}\tтема{i % 3}\n" for i, t in enumerate(lines)))
         return corpus
