@@ -334,7 +334,7 @@ def build_run(cfg: TrainConfig, dist_info) -> Run:
 
     from custom_step import mlm_token_probs
     from kdcore.alignments import Vocabularies
-    from kdcore.model_io import load_student, load_teacher
+    from kdcore.model_io import check_vocab_fits, load_student, load_teacher
     from kdcore.shard_io import open_shards, read_index
     from kdcore.step_runner import StudentRunner
     from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens
@@ -379,9 +379,8 @@ def build_run(cfg: TrainConfig, dist_info) -> Run:
         raise UserError(f"student config vocab_size {student.config.vocab_size} != tokenizer size {n_student}")
     needs_teacher = cfg.losses.hidden or (cfg.losses.kl and cache is None)
     teacher = load_teacher(d.teacher_name) if d.teacher_name and needs_teacher else None
-    if teacher is not None and teacher.config.vocab_size != n_teacher:
-        raise UserError(f"teacher vocab_size {teacher.config.vocab_size} != the shards' teacher vocabulary "
-                        f"{n_teacher}")
+    if teacher is not None:
+        check_vocab_fits(d.teacher_name, teacher.config.vocab_size, n_teacher)
     special = {role: s_tok.convert_tokens_to_ids(tok) for role, tok in special_tokens(s_tok).items()}
     token_probs = None
     if cfg.losses.alpha_mlm > 0 or (plan.kl is not None and plan.kl.positions.teacher_reads_student_ids):

@@ -126,7 +126,8 @@ def read_split(spec: TaskSpec, path: Path, bad_rows: str = "error") -> Examples:
                     texts_b.append(row[text_idx[1]])
                 labels.append(label)
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}:{line + 1}: not UTF-8 text ({err.reason}); GLUE files are UTF-8") from None
+        raise UserError(f"{path}:{line + 1}: not UTF-8 text ({err.reason}); GLUE files are UTF-8: convert it (e.g. "
+                        f"iconv -f latin1 -t utf-8, or -f utf-16)") from None
     except csv.Error as err:
         raise UserError(f"{path}:{line + 1}: unreadable row ({err}); fix the file") from None
     if not texts_a:
@@ -211,7 +212,8 @@ def load_tokenizer_params(path: str | Path | None) -> TokenizerParams:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read --tokenizer_params {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read --tokenizer_params {path}: {str(err).splitlines()[0]}; pass a YAML mapping "
+                        "(max_length, padding, truncation)") from None
     if not isinstance(data, dict):
         raise UserError(f"--tokenizer_params {path} must be a YAML mapping (max_length, padding, truncation)")
     unknown = sorted(set(data) - {"max_length", "padding", "truncation", "add_special_tokens"})

@@ -81,6 +81,9 @@ def load_classifier(config_dir: str | Path, num_labels: int, label_names: list[s
         return AutoModelForSequenceClassification.from_config(config)
     weights = Path(weights)
     if weights.is_dir():
+        from kdcore.model_io import check_model_files
+
+        check_model_files(weights, role, f"save the {role} again with save_pretrained() (or copy it again)")
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 str(weights), config=config, output_loading_info=True, ignore_mismatched_sizes=True)

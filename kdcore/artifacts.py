@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +52,33 @@ def _fix(path: Path) -> str:
     return f"re-run the preprocessing step that writes {path.name} (run_pipeline.py --force)"
 
 
-def load_json(path: str | os.PathLike, what: str = "artifact") -> dict:
-    """Parse a JSON artifact."""
+def load_json(path: str | os.PathLike, what: str = "artifact", fix: str | None = None) -> dict:
+    """Parse a JSON file; `what` names it and `fix` says what to do in the one-line error (default: re-run the
+    preprocessing step that writes it)."""
     path = Path(path)
+    fix = fix or _fix(path)
     if not path.is_file():
-        raise UserError(f"{what} {path} does not exist; {_fix(path)}")
+        raise UserError(f"{what} {path} does not exist; {fix}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{what} {path} is not valid JSON ({err}); {_fix(path)}") from err
+        raise UserError(f"{what} {path} is not valid UTF-8 JSON ({err}); {fix}") from err
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npy(path: Path, mmap: bool, broken: Callable[[str], UserError]) -> np.ndarray:
+    """`np.load` without pickle (memory-mapped with `mmap`); a file that is not an `.npy` array, holds objects or is
+    cut short raises `broken(why)`, the caller's one-line error for that file."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(len(NPY_MAGIC))
+        if magic != NPY_MAGIC:
+            raise broken("it is empty" if not magic else "it is not a .npy array file")
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise broken(str(err).splitlines()[0]) from err
 
 
 def load_npy(path: str | os.PathLike, ndim: int, kind: str, mmap: bool = False) -> np.ndarray:
@@ -67,10 +86,7 @@ def load_npy(path: str | os.PathLike, ndim: int, kind: str, mmap: bool = False) 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"artifact {path} does not exist; {_fix(path)}")
-    try:
-        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise UserError(f"artifact {path} is corrupt ({str(err).splitlines()[0]}); {_fix(path)}") from err
+    arr = read_npy(path, mmap, lambda why: UserError(f"artifact {path} is corrupt or truncated ({why}); {_fix(path)}"))
     if arr.ndim != ndim or arr.dtype.kind not in kind:
         raise UserError(f"artifact {path} holds a {arr.ndim}-D {arr.dtype} array, expected {ndim}-D of kind "
                         f"{kind!r}; {_fix(path)}")

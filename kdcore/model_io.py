@@ -16,11 +16,55 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+SAVE_TEACHER = "save the teacher again with BertForMaskedLM.save_pretrained() (or copy it again)"
+
+
+def check_model_files(path: str | os.PathLike, role: str, fix: str) -> dict:
+    """Check an HF model directory without loading its weights: `config.json` is JSON and every `.safetensors` file
+    is complete (its header and the data it announces fit the file). Returns the parsed config. One-line errors name
+    the file and end with `fix`."""
+    from safetensors import SafetensorError, safe_open
+
+    from kdcore.artifacts import load_json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{role} directory {path} does not exist; {fix}")
+    config = load_json(path / "config.json", f"{role} config", fix)
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{role} weights {weights} are truncated or not a safetensors file "
+                            f"({str(err).splitlines()[0]}); {fix}") from err
+    return config
+
+
+def check_teacher(path: str | os.PathLike, tokenizer_size: int) -> None:
+    """What a teacher directory must hold before any work starts: readable config and weights (`check_model_files`)
+    of a BERT whose embedding matrix has one row per token of its tokenizer (`tokenizer_size`)."""
+    config = check_model_files(path, "teacher", SAVE_TEACHER)
+    if config.get("model_type") != "bert":
+        raise UserError(f"teacher {path} is a {config.get('model_type')!r} model (config.json); pass a "
+                        "BertForMaskedLM directory")
+    check_vocab_fits(path, config.get("vocab_size"), tokenizer_size)
+
+
+def check_vocab_fits(path: str | os.PathLike, vocab_size: int | None, tokenizer_size: int) -> None:
+    """The teacher's embeddings (`vocab_size` rows) and its tokenizer (`tokenizer_size` tokens) must match."""
+    if vocab_size != tokenizer_size:
+        raise UserError(f"teacher {path} has {vocab_size} embedding rows (config.json vocab_size) but its tokenizer "
+                        f"has {tokenizer_size} tokens: the model and tokenizer do not belong together; put the "
+                        "tokenizer the teacher was trained with in that directory")
+
+
 def load_teacher(path: str | os.PathLike):
     """A BertForMaskedLM with its MLM head; a one-line error when the directory lacks weights or the head."""
     _quiet_transformers()
     from transformers import AutoModelForMaskedLM
 
+    check_model_files(path, "teacher", SAVE_TEACHER)
     try:
         model, info = AutoModelForMaskedLM.from_pretrained(str(path), output_loading_info=True)
     except (OSError, ValueError) as err:
@@ -63,6 +107,8 @@ def load_student(config_dir: str | os.PathLike, weights: str | os.PathLike | Non
         return AutoModelForMaskedLM.from_config(config, **kwargs)
     weights = Path(weights)
     if weights.is_dir():
+        check_model_files(weights, "student", "pass the pipeline's OUT/student_init (re-run init_weights.py) or "
+                                              "another saved student")
         try:
             return AutoModelForMaskedLM.from_pretrained(str(weights), config=config, **kwargs)
         except (OSError, ValueError) as err:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcore.artifacts import read_npy
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_save_npy, atomic_write_json, publish_dir, temp_sibling
 from kdcore.tokenizer_utils import smallest_uint
@@ -178,10 +179,7 @@ def _corrupt(path: Path, why: str) -> UserError:
 def _load_npy(path: Path, dtype: np.dtype | None = None) -> np.ndarray:
     if not path.is_file():
         raise _corrupt(path, "file is missing")
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise _corrupt(path, str(err).replace("\n", " ")) from err
+    arr = read_npy(path, True, lambda why: _corrupt(path, why))
     if arr.ndim != 1 or (dtype is not None and arr.dtype != dtype):
         raise _corrupt(path, f"expected a 1-D {dtype} array, found {arr.ndim}-D {arr.dtype}")
     return arr

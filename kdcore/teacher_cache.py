@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from custom_step import kl_div_from_log_probs, kl_div_sampled, kl_div_top_k
+from kdcore.artifacts import read_npy
 from kdcore.errors import UserError
 from kdcore.shard_io import ragged_indices
 from kdcore.tokenizer_utils import smallest_uint
@@ -301,10 +302,7 @@ class TeacherCache:
 def _load(path: Path) -> np.ndarray:
     if not path.is_file():
         raise _broken(path, "is missing")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise _broken(path, f"is corrupt or truncated ({str(err).splitlines()[0]})") from err
+    return read_npy(path, True, lambda why: _broken(path, f"is corrupt or truncated ({why})"))
 
 
 @dataclass

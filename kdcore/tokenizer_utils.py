@@ -26,6 +26,33 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 UNMAPPED_PATTERN = re.compile(r"^(\[unused\d+\]|</?[A-Za-z]+>)$")
 
 
+SAVE_TOKENIZER = "save the tokenizer there again with tokenizer.save_pretrained()"
+JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+"""The JSON files of a tokenizer directory that `AutoTokenizer` reads (config.json: to find the tokenizer class)."""
+
+
+def check_tokenizer_files(path: Path, role: str) -> None:
+    """One-line errors naming the file for a tokenizer directory whose JSON files are truncated or not JSON, or
+    whose `vocab.txt` is not UTF-8 (what `AutoTokenizer` reports without naming the file)."""
+    for name in JSON_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            fix = "restore it (model.save_pretrained())" if name == "config.json" else SAVE_TOKENIZER
+            raise UserError(f"{role} file {file} is not valid UTF-8 JSON (truncated or another format: {err}); "
+                            f"{fix}") from err
+    vocab = path / "vocab.txt"
+    if vocab.is_file():
+        try:
+            vocab.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{role} vocabulary {vocab} is not UTF-8 text ({err.reason} at byte {err.start}); convert "
+                            f"it (iconv -t utf-8) or {SAVE_TOKENIZER}") from err
+
+
 def load_tokenizer(path: str | os.PathLike, role: str = "tokenizer"):
     """Load a fast HF tokenizer from a directory; `role` names it in errors (e.g. "teacher").
 
@@ -40,13 +67,15 @@ def load_tokenizer(path: str | os.PathLike, role: str = "tokenizer"):
             f"{role} directory {path} has no tokenizer (tokenizer.json or vocab.txt); "
             "save the tokenizer there with tokenizer.save_pretrained()"
         )
+    check_tokenizer_files(path, role)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot load the {role} tokenizer from {path}: {err}".replace("\n", " ")) from err
+    except Exception as err:  # the tokenizers library raises plain Exceptions for files it cannot use
+        raise UserError(f"cannot load the {role} tokenizer from {path}: {str(err).splitlines()[0]}; {SAVE_TOKENIZER}") \
+            from err
     if not getattr(tok, "is_fast", False):
         raise UserError(f"the {role} tokenizer in {path} is not a fast tokenizer; add its tokenizer.json")
     backend = tok.backend_tokenizer

@@ -81,9 +81,9 @@ def build(params: CacheParams, log=print) -> dict:
     import torch
 
     from custom_step import IGNORE_INDEX
-    from kdcore.model_io import load_teacher
+    from kdcore.model_io import check_teacher, load_teacher
     from kdcore.step_runner import teacher_forward
-    from kdcore.tokenizer_utils import fingerprint, load_tokenizer
+    from kdcore.tokenizer_utils import fingerprint, load_tokenizer, vocab_list
     from kdcore.trainer_core import autocast
     from lm_seqs_dataset import Collator, LmSeqsDataset
     from utils import init_distributed, shutdown_distributed
@@ -96,6 +96,7 @@ def build(params: CacheParams, log=print) -> dict:
     cfg = AlignmentConfig(logits=params.align_logits, **{
         flag: pipe.path(flag) for flag in required_artifacts(cfg, kl=True, hidden=False, shared_vocab=False)})
     t_tok = load_tokenizer(params.teacher_name, "teacher")
+    check_teacher(params.teacher_name, len(vocab_list(t_tok)))
     s_tok = load_tokenizer(pipe.path("student_name"), "student")
     fingerprints = {"teacher": fingerprint(t_tok), "student": fingerprint(s_tok)}
     index = read_index(data_dir)

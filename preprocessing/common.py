@@ -14,6 +14,8 @@ from kdcore.errors import UserError
 from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens, vocab_list
 
 DEFAULT_MAX_BAD_FRAC = 0.001
+WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00")
+"""First bytes of UTF-16 (LE, BE) and UTF-32 BE files with a byte-order mark (UTF-32 LE starts as UTF-16 LE)."""
 
 
 @dataclass
@@ -27,12 +29,23 @@ class CorpusStats:
     per_file: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+def _text_line(raw: bytes) -> str | None:
+    """The stripped line, or None when it is not UTF-8 text (undecodable, or NUL bytes: UTF-16 without a BOM)."""
+    if b"\x00" in raw:
+        return None
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+
+
 def iter_corpus(paths: list[str], block_lines: int = 10000, max_bad_frac: float = DEFAULT_MAX_BAD_FRAC,
                 stats: CorpusStats | None = None) -> Iterator[list[str]]:
     """Yield blocks of up to `block_lines` non-empty, stripped UTF-8 lines from the corpus files.
 
-    Undecodable lines are counted and skipped; a file whose undecodable share exceeds `max_bad_frac`, a
-    missing file, and a corpus with no text at all are `UserError`s. Memory holds one block.
+    Undecodable lines (not UTF-8, or holding NUL bytes) are counted and skipped; a file whose undecodable share
+    exceeds `max_bad_frac`, a UTF-16/32 file (byte-order mark), a missing file, and a corpus with no text at all
+    are `UserError`s. Memory holds one block.
     """
     stats = stats if stats is not None else CorpusStats()
     if not paths:
@@ -45,10 +58,13 @@ def iter_corpus(paths: list[str], block_lines: int = 10000, max_bad_frac: float 
     for name in paths:
         kept = bad = empty = 0
         with open(name, "rb") as fh:
+            if fh.read(2) in WIDE_BOMS:
+                raise UserError(f"corpus file {name} is UTF-16 or UTF-32 text (it starts with a byte-order mark); "
+                                f"convert it: iconv -f utf-16 -t utf-8 {name} > {name}.utf8")
+            fh.seek(0)
             for raw in fh:
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError:
+                line = _text_line(raw)
+                if line is None:
                     bad += 1
                     continue
                 if not line:
@@ -61,8 +77,9 @@ def iter_corpus(paths: list[str], block_lines: int = 10000, max_bad_frac: float 
                     block = []
         total = kept + bad + empty
         if bad and bad > max_bad_frac * total:
-            raise UserError(f"corpus file {name} has {bad} of {total} lines that are not valid UTF-8; convert it "
-                            f"(e.g. iconv -f cp1251 -t utf-8) or raise --max_bad_frac (now {max_bad_frac})")
+            raise UserError(f"corpus file {name} has {bad} of {total} lines that are not valid UTF-8 text; convert "
+                            "it (e.g. iconv -f cp1251 -t utf-8; -f utf-16 when it holds NUL bytes) or raise "
+                            f"--max_bad_frac (now {max_bad_frac})")
         stats.files += 1
         stats.lines += kept
         stats.empty += empty

@@ -40,7 +40,7 @@ from common import check_output, load_pair, timed
 from kdcore.artifacts import check_fingerprints, load_teacher2student
 from kdcore.errors import UserError, run_cli
 from kdcore.fsutil import staged_dir
-from kdcore.model_io import load_teacher
+from kdcore.model_io import check_vocab_fits, load_teacher
 from kdcore.tokenizer_utils import UNMAPPED_PATTERN, greedy_split, write_vocab_txt
 
 BERT_LAYER = {
@@ -282,9 +282,7 @@ def run(params: InitParams) -> dict:
                             f"{len(pair.s_vocab)} in {student_name}; re-run train_reduced_tok.py")
         finetuned = _is_classifier(teacher_name)
         teacher = load_classifier_teacher(teacher_name) if finetuned else load_teacher(teacher_name)
-        if teacher.config.vocab_size != len(pair.t_vocab):
-            raise UserError(f"teacher model vocab_size {teacher.config.vocab_size} != teacher tokenizer size "
-                            f"{len(pair.t_vocab)} in {teacher_name}; the model and tokenizer do not belong together")
+        check_vocab_fits(teacher_name, teacher.config.vocab_size, len(pair.t_vocab))
         if pair.t_vocab == pair.s_vocab:
             mapping = None
         elif t2s_mapping is not None:

@@ -41,8 +41,9 @@ from kdcore.alignments import selectable_alignments
 from kdcore.artifacts import MANIFEST, read_manifest
 from kdcore.errors import UserError, run_cli
 from kdcore.fsutil import atomic_write_json
+from kdcore.model_io import check_teacher
 from kdcore.shard_io import read_index
-from kdcore.tokenizer_utils import MAX_LEN, fingerprint, load_tokenizer
+from kdcore.tokenizer_utils import MAX_LEN, fingerprint, load_tokenizer, vocab_list
 
 FORMAT = "rvkd-pipeline/1"
 CACHE_DIR = "teacher_cache"
@@ -218,6 +219,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
         if not Path(path).is_file():
             raise UserError(f"corpus file {path} does not exist; check the --corpus paths")
     teacher_tok = load_tokenizer(a.teacher_name, "teacher")
+    check_teacher(a.teacher_name, len(vocab_list(teacher_tok)))
     external = external_fingerprints(a, teacher_tok)
     manifest = check_out_dir(out, external["teacher_tokenizer"], a.force)
     created = not out.exists()

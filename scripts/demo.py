@@ -325,10 +325,33 @@ class Demo:
         return {"teacher": self.teacher_dir, "student_kd": self.out / "student_kd",
                 "student_kd_cached": self.out / "student_kd_cached", "student_baseline": self.out / "student_baseline"}
 
+    def check_cache(self) -> None:
+        """The corpus that an earlier run left in --cache_dir (reused as it is) must be usable, before anything is
+        written: UTF-8 `ru_sentences.txt` with more sentences than are held out, `topics.tsv` of `text<TAB>topic`."""
+        corpus_dir = self.cache / "corpus"
+        for name in ("ru_sentences.txt", "topics.tsv"):
+            path = corpus_dir / name
+            if not path.is_file():
+                continue
+            fix = f"delete it (the demo then rebuilds {corpus_dir} with get_corpus.py)"
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError as err:
+                raise UserError(f"cached corpus file {path} is not UTF-8 text ({err.reason}); {fix}") from err
+            if name == "topics.tsv":
+                bad = next((k for k, line in enumerate(lines) if "\t" not in line), None)
+                if not lines or lines[0] != "text\ttopic" or bad is not None:
+                    where = "it is empty" if not lines else f"line {1 if bad is None else bad + 1} is not text<TAB>topic"
+                    raise UserError(f"cached corpus file {path} is not a topics table ({where}); {fix}")
+            elif sum(1 for line in lines if line.strip()) <= self.setup.heldout_sentences:
+                raise UserError(f"cached corpus file {path} has {len(lines)} lines, not more than the "
+                                f"{self.setup.heldout_sentences} held-out sentences; {fix}")
+
     def run(self) -> dict:
         self.t0 = time.perf_counter()
         self.facts: dict = {}
         self.models: dict[str, dict] = {}
+        self.check_cache()
         self.out.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         for log in self.logs.glob("*.log"):
