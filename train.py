@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, selectable_alignments
 from kdcore.artifacts import check_fingerprints, load_counts, read_manifest
-from kdcore.config import TrainConfig
+from kdcore.config import NONFINITE_POLICIES, TrainConfig
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_write_json
 
@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze_pos_embs", action="store_true", help="do not train the student's position embeddings")
     g.add_argument("--freeze_token_type_embds", action="store_true",
                    help="do not train the student's token-type embeddings (BERT students)")
+    g.add_argument("--on_nonfinite", choices=NONFINITE_POLICIES, default="stop",
+                   help="an update with a NaN/inf loss term (or, in fp32/bf16, gradient norm) on any process: stop "
+                   "the run naming the terms and the last checkpoint, or skip it (no optimizer, schedule or step "
+                   "counter advance; the batches are consumed)")
+    g.add_argument("--max_nonfinite_skips", type=int, default=10,
+                   help="--on_nonfinite skip: stop after this many consecutive skipped updates")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
@@ -440,6 +446,7 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
         if dist_info.is_master:
             atomic_write_json(dump / "train_summary.json", {
                 "global_step": state.global_step, "epoch": state.epoch, "best_valid": state.best_valid,
+                "nonfinite_skipped": state.nonfinite_skipped,
                 "world_size": dist_info.world_size, "rank_param_checksums": distiller.rank_checksums,
                 "steps_per_epoch": distiller.steps_per_epoch, "train_seconds": round(distiller.train_seconds, 3),
                 "history": state.history, "curvature": curvature_value(distiller.runner)})
