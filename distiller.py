@@ -97,6 +97,8 @@ class Distiller:
         self.with_t2s = any(p.student_pass is StudentPass.T2S for p in positions)
         self.teacher_reads_student_ids = any(p.teacher_reads_student_ids for p in positions)
         self.epoch_end_hooks: list = []  # callables f(distiller) run after every completed epoch, before validation
+        self.step_end_hooks: list = []  # callables f(distiller) run after every applied update, its logs,
+        # validation and checkpoint written
         self.model: nn.Module = self.runner
         if dist_info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -287,6 +289,8 @@ class Distiller:
                     sums, tokens, t_last = {}, 0, time.perf_counter()
                 if step % out.checkpoint_interval == 0 or step == self.total_steps:
                     stop = self._validate_and_save()
+                for hook in self.step_end_hooks:
+                    hook(self)
                 if step >= self.total_steps or stop:
                     stop = True
                     break

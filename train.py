@@ -32,6 +32,7 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -381,8 +382,10 @@ def build_run(cfg: TrainConfig, dist_info) -> Run:
                hidden, runner)
 
 
-def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
-    """This process's share of the run: build (`build_run`), train, export (rank 0 writes)."""
+def train_process(cfg: TrainConfig, dist_info, argv: list[str], step_end_hooks: Sequence[Callable] = ()) -> None:
+    """This process's share of the run: build (`build_run`), train, export (rank 0 writes). `step_end_hooks`:
+    callables f(distiller) run after every applied update (`Distiller.step_end_hooks`; bench/soak.py samples
+    memory with one)."""
     from distiller import Distiller
     from kdcore.hidden_projection import curvature_value
     from setup_logger import setup_logger
@@ -434,6 +437,7 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
         distiller = Distiller(cfg, dist_info, run.runner, teacher, train_data, valid_data, collator, run.token_probs,
                               run.special, run.s_tok, logger, writer)
         distiller.command = " ".join(shlex.quote(arg) for arg in ["train.py", *argv])
+        distiller.step_end_hooks.extend(step_end_hooks)
         if curvature is not None and curvature.recompute_after_epoch:
             distiller.epoch_end_hooks.append(lambda dst: precompute_curvature(
                 cfg, hidden, dst.teacher, dst.runner.student, curvature_source, collator, dist_info, logger,
