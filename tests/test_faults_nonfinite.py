@@ -136,3 +136,10 @@ def test_torchrun_ranks_stop_together_when_one_rank_sees_nan(tmp_path, pipeline_
     assert proc.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both ranks ended with the UserError code
     # the one traceback is the launcher's own (ChildFailedError), none comes from a rank
     assert proc.stderr.count("Traceback") == proc.stderr.count("ChildFailedError:") == 1, proc.stderr[-3000:]
+
+
+def test_max_nonfinite_skips_must_be_positive(tmp_path, pipeline_out, capsys):
+    argv = train_argv(pipeline_out, tmp_path / "dump", *MLM, "--on_nonfinite", "skip", "--max_nonfinite_skips", "0")
+    assert run_train(argv) == 2
+    assert one_line_error(capsys) == "error: --max_nonfinite_skips must be at least 1"
+    assert not (tmp_path / "dump").exists()
