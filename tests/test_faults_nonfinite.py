@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from fault_inject import inject
 from test_alignment_regression import tensorboard_scalars
+from test_glue_data import one_thread  # noqa: F401 (autouse: the in-process runs use one torch thread)
 from test_train import kd_flags, run_train, train_argv
 
 INJECT = Path(__file__).with_name("fault_inject.py")
