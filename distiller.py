@@ -9,6 +9,16 @@ improving, as torch's ReduceLROnPlateau). Checkpoints hold the full state (model
 sampler position, counters and every rank's RNG states), are written under a temp name with a checksummed
 `manifest.json` last and then renamed, and are verified on load, so `--load_from_checkpoint` / `--resume auto`
 continue exactly where a run stopped and never read a half-written or damaged checkpoint.
+
+Non-finite values (`--on_nonfinite`): an update is non-finite when the total loss or a loss term of any of its
+micro-batches is NaN/inf on any process, or (fp32/bf16: no GradScaler) the gradient norm after clipping is; with
+fp16 the GradScaler alone handles inf/NaN gradients (it skips the step and backs off, the update still counts).
+The flags are summed over the processes before anyone decides, so every rank takes the same decision. `stop`
+ends the run with a one-line error naming the update, the terms and the last good checkpoint; `skip` drops the
+update: its batches are consumed, the gradients zeroed, neither the optimizer nor the learning-rate schedule
+steps and `global_step` does not advance (so `max_steps` still counts applied updates, and an epoch applies one
+update fewer per skip); skips are counted (`TrainState.nonfinite_skipped`, TensorBoard
+`train/nonfinite_skipped`, a warning per skip) and `max_nonfinite_skips` consecutive ones stop the run.
 """
 
 from __future__ import annotations
@@ -48,16 +58,20 @@ from kdcore.teacher_cache import CachedTeacher
 from kdcore.trainer_core import (
     LrSchedule,
     PlateauScaler,
+    apply_update,
     autocast,
     build_optimizer,
+    clip_gradients,
+    discard_update,
     grad_scaler,
-    optimizer_step,
 )
 from lm_seqs_dataset import Collator, LmSeqsDataset
 from utils import DistInfo, load_optimizer_state, memory_mb, param_digest, rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
+GRAD_NORM = "gradient norm"
+"""How a non-finite gradient norm is named among the NaN/inf parts of an update."""
 
 
 @dataclass
@@ -70,6 +84,7 @@ class TrainState:
     bad_validations: int = 0
     last_checkpoint: str | None = None
     history: list = field(default_factory=list)
+    nonfinite_skipped: int = 0  # updates dropped by --on_nonfinite skip, over the whole run (0 in older checkpoints)
 
 
 class Distiller:
@@ -90,6 +105,8 @@ class Distiller:
         self.with_t2s = any(p.student_pass is StudentPass.T2S for p in positions)
         self.teacher_reads_student_ids = any(p.teacher_reads_student_ids for p in positions)
         self.epoch_end_hooks: list = []  # callables f(distiller) run after every completed epoch, before validation
+        self.step_end_hooks: list = []  # callables f(distiller) run after every applied update, its logs,
+        # validation and checkpoint written
         self.model: nn.Module = self.runner
         if dist_info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -121,6 +138,7 @@ class Distiller:
         self.rank_checksums: list[str] = []
         self.train_seconds = 0.0  # wall time of the last `train` call (its loop, validations and checkpoints)
         self.last_train_losses: dict[str, float] = {}  # the last logged training losses, for the model card
+        self.nonfinite_run = 0  # consecutive updates skipped for NaN/inf (--on_nonfinite skip)
         self.command: str | None = None  # the training command line, for the model card
         self._set_lr()
 
@@ -183,10 +201,50 @@ class Distiller:
         return self.schedule.apply(self.optimizer, self.state.global_step)
 
     def _optimizer_step(self) -> float:
-        norm = optimizer_step(self.optimizer, self.scaler, self.runner.parameters(), self.cfg.optim.max_grad_norm)
+        """Clip, step, advance the step counter and the learning rate; returns the gradient norm before clipping."""
+        norm = self._clip()
+        self._apply_update()
+        return float(norm)
+
+    def _clip(self) -> torch.Tensor:
+        """Unscale (fp16) and clip the accumulated gradients; their norm before clipping (0-dim tensor)."""
+        return clip_gradients(self.optimizer, self.scaler, self.runner.parameters(), self.cfg.optim.max_grad_norm)
+
+    def _apply_update(self) -> None:
+        apply_update(self.optimizer, self.scaler)
         self.state.global_step += 1
         self._set_lr()
-        return norm
+
+    def _nonfinite_terms(self, flags: torch.Tensor, names: list[str], grad_norm: torch.Tensor) -> list[str]:
+        """The non-finite parts of this update on any process. flags [len(names)]: per loss name, the count of this
+        process's micro-batches where it was NaN/inf; `grad_norm` is checked only without a GradScaler (fp32, bf16).
+        One all_reduce, so that every rank decides alike. Named: the NaN/inf loss terms, else the total `loss`
+        (when only the sum overflowed), else the "gradient norm" (a NaN/inf loss makes the gradients NaN too)."""
+        grad_flag = (~torch.isfinite(grad_norm)).to(flags) if not self.scaler.is_enabled() else flags.new_zeros(())
+        flags = torch.cat([flags, grad_flag.reshape(1)])
+        if self.dist.distributed:
+            dist.all_reduce(flags)
+        bad = [name for name, n in zip([*names, GRAD_NORM], flags.tolist()) if n > 0]
+        return [n for n in bad if n not in ("loss", GRAD_NORM)] or [n for n in bad if n == "loss"] or bad
+
+    def _on_nonfinite(self, terms: list[str]) -> None:
+        """Apply --on_nonfinite to an update whose `terms` were NaN/inf: raise (stop, or too many consecutive
+        skips) or drop the update and count it."""
+        loop, update = self.cfg.loop, self.state.global_step + 1
+        what = ", ".join(terms)
+        if loop.on_nonfinite == "stop":
+            self._fail_nonfinite(f"NaN/inf in {what} at update {update}")
+        discard_update(self.optimizer, self.scaler)
+        self.nonfinite_run += 1
+        self.state.nonfinite_skipped += 1
+        if self.dist.is_master:
+            self.logger.warning(f"update {update}: NaN/inf in {what}; update skipped ({self.nonfinite_run} in a row, "
+                                f"{self.state.nonfinite_skipped} in the run)")
+            if self.writer is not None:
+                self.writer.add_scalar("train/nonfinite_skipped", self.state.nonfinite_skipped, self.state.global_step)
+        if self.nonfinite_run >= loop.max_nonfinite_skips:
+            self._fail_nonfinite(f"{self.nonfinite_run} consecutive updates skipped (--max_nonfinite_skips "
+                                 f"{loop.max_nonfinite_skips}), the last for NaN/inf in {what} at update {update}")
 
     # ----- loop ---------------------------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -199,7 +257,7 @@ class Distiller:
         while self.state.epoch < self.cfg.loop.n_epoch and not stop:
             if self.sampler.state_dict()["batches_done"] == 0:
                 self.sampler.set_epoch(self.state.epoch)
-            micro, nonfinite = 0, torch.zeros((), device=self.device)
+            micro, update_sums, flags = 0, {}, None
             self.runner.train()
             for indices in self.sampler:
                 batch = self._batch(self.train_data, indices)
@@ -209,17 +267,27 @@ class Distiller:
                 with ctx:
                     total, losses = self._losses(batch, self.generator)
                     self.scaler.scale(total / accum).backward()
-                nonfinite += (~torch.isfinite(total.detach())).float()
-                for name, value in {"loss": total, **losses}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / accum
+                values = {"loss": total.detach(), **{k: v.detach() for k, v in losses.items()}}
+                finite = torch.stack([torch.isfinite(v).all() for v in values.values()])
+                flags = (~finite).float() + (flags if flags is not None else 0)
+                for name, value in values.items():
+                    update_sums[name] = update_sums.get(name, 0.0) + float(value) / accum
                 tokens += int(batch["s_mask"].sum())
                 if not sync:
                     continue
-                if self.dist.distributed:
-                    dist.all_reduce(nonfinite)
-                if nonfinite.item() > 0:
-                    self._fail_nonfinite()
-                grad_norm = self._optimizer_step()
+                norm = self._clip()
+                terms = self._nonfinite_terms(flags, list(values), norm)
+                flags = None
+                if terms:
+                    self._on_nonfinite(terms)
+                    update_sums = {}
+                    continue
+                self._apply_update()
+                self.nonfinite_run = 0
+                grad_norm = float(norm)
+                for name, value in update_sums.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                update_sums = {}
                 step = self.state.global_step
                 if progress is not None:
                     progress.update(1)
@@ -229,6 +297,8 @@ class Distiller:
                     sums, tokens, t_last = {}, 0, time.perf_counter()
                 if step % out.checkpoint_interval == 0 or step == self.total_steps:
                     stop = self._validate_and_save()
+                for hook in self.step_end_hooks:
+                    hook(self)
                 if step >= self.total_steps or stop:
                     stop = True
                     break
@@ -255,10 +325,11 @@ class Distiller:
         patience = self.cfg.loop.valid_epochs_patience
         return self.state.global_step >= self.total_steps or bool(patience and self.state.bad_validations >= patience)
 
-    def _fail_nonfinite(self) -> None:
-        raise UserError(f"the loss became NaN/inf at update {self.state.global_step + 1}; training stopped. The last "
-                        f"good checkpoint is {self.state.last_checkpoint or '(none yet)'}; lower --learning_rate, "
-                        "raise --warmup_prop or use --precision fp32, then resume with --load_from_checkpoint")
+    def _fail_nonfinite(self, what: str) -> None:
+        """Stop the run (every rank raises alike): `what` happened; name the last good checkpoint."""
+        raise UserError(f"{what}; training stopped. The last good checkpoint is "
+                        f"{self.state.last_checkpoint or '(none yet)'}; lower --learning_rate, raise --warmup_prop or "
+                        "use --precision fp32, then resume with --load_from_checkpoint (or pass --on_nonfinite skip)")
 
     def _progress(self):
         if not self.dist.is_master:
@@ -338,6 +409,7 @@ class Distiller:
         world = self.dist.world_size
         scalars = {f"train/{k}": v / n_steps for k, v in sums.items()}
         scalars.update({"train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
+                        "train/nonfinite_skipped": self.state.nonfinite_skipped,
                         "train/tokens_per_s": tokens_per_s * world,
                         **{f"memory/{k}": v for k, v in memory_mb(self.device).items()}})
         self.last_train_losses = {k.split("/")[1]: v for k, v in scalars.items() if k.startswith("train/loss")}

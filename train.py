@@ -32,13 +32,14 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, selectable_alignments
 from kdcore.artifacts import check_fingerprints, load_counts, read_manifest
-from kdcore.config import RESUME_MODES, TrainConfig
+from kdcore.config import NONFINITE_POLICIES, RESUME_MODES, TrainConfig
 from kdcore.errors import UserError
 from kdcore.fsutil import atomic_write_json, remove_stale_temps
 from kdcore.tb_log import ScalarLog
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze_pos_embs", action="store_true", help="do not train the student's position embeddings")
     g.add_argument("--freeze_token_type_embds", action="store_true",
                    help="do not train the student's token-type embeddings (BERT students)")
+    g.add_argument("--on_nonfinite", choices=NONFINITE_POLICIES, default="stop",
+                   help="an update with a NaN/inf loss term (or, in fp32/bf16, gradient norm) on any process: stop "
+                   "the run naming the terms and the last checkpoint, or skip it (no optimizer, schedule or step "
+                   "counter advance; the batches are consumed)")
+    g.add_argument("--max_nonfinite_skips", type=int, default=10,
+                   help="--on_nonfinite skip: stop after this many consecutive skipped updates")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dist_timeout_s", type=int, default=1800,
@@ -399,8 +406,10 @@ def build_run(cfg: TrainConfig, dist_info) -> Run:
                hidden, runner)
 
 
-def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
-    """This process's share of the run: build (`build_run`), train, export (rank 0 writes)."""
+def train_process(cfg: TrainConfig, dist_info, argv: list[str], step_end_hooks: Sequence[Callable] = ()) -> None:
+    """This process's share of the run: build (`build_run`), train, export (rank 0 writes). `step_end_hooks`:
+    callables f(distiller) run after every applied update (`Distiller.step_end_hooks`; bench/soak.py samples
+    memory with one)."""
     from distiller import CHECKPOINTS, Distiller
     from kdcore.hidden_projection import curvature_value
     from setup_logger import setup_logger
@@ -459,6 +468,7 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
         distiller = Distiller(cfg, dist_info, run.runner, teacher, train_data, valid_data, collator, run.token_probs,
                               run.special, run.s_tok, logger, writer)
         distiller.command = " ".join(shlex.quote(arg) for arg in ["train.py", *argv])
+        distiller.step_end_hooks.extend(step_end_hooks)
         if curvature is not None and curvature.recompute_after_epoch:
             distiller.epoch_end_hooks.append(lambda dst: precompute_curvature(
                 cfg, hidden, dst.teacher, dst.runner.student, curvature_source, collator, dist_info, logger,
@@ -473,6 +483,7 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str]) -> None:
         if dist_info.is_master:
             atomic_write_json(dump / "train_summary.json", {
                 "global_step": state.global_step, "epoch": state.epoch, "best_valid": state.best_valid,
+                "nonfinite_skipped": state.nonfinite_skipped,
                 "world_size": dist_info.world_size, "rank_param_checksums": distiller.rank_checksums,
                 "steps_per_epoch": distiller.steps_per_epoch, "train_seconds": round(distiller.train_seconds, 3),
                 "history": state.history, "curvature": curvature_value(distiller.runner)})

@@ -23,4 +23,5 @@ fi
 $py bench/parity.py --corpus "$corpus" "${quick[@]}"
 $py bench/teacher_cache.py "${quick[@]}"
 $py bench/real_scale.py --corpus "$corpus" "${quick[@]}"
+if [[ ${#quick[@]} -eq 0 ]]; then $py bench/soak.py; else $py bench/soak.py --steps 1000; fi
 $py bench/collect.py

@@ -116,11 +116,17 @@ class OptimConfig:
     teacher_precision: str | None = None  # the frozen teacher's autocast (None: as `precision`)
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+"""`--on_nonfinite` choices: what an update with a NaN/inf loss term (or, without a GradScaler, gradient norm) does."""
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """How long and where: `n_epoch` epochs or `max_steps` updates (0: the epochs decide), early stop after
-    `valid_epochs_patience` validations without improvement (0: never), the seed, `--device`, and the seconds a
-    collective may wait for a peer before the process group fails (`dist_timeout_s`)."""
+    `valid_epochs_patience` validations without improvement (0: never), the seed, `--device`, the seconds a
+    collective may wait for a peer before the process group fails (`dist_timeout_s`); an update with a NaN/inf
+    loss or gradient norm stops the run (`on_nonfinite` "stop") or is dropped ("skip"), stopping after
+    `max_nonfinite_skips` consecutive dropped updates."""
 
     n_epoch: int = 3
     max_steps: int = 0
@@ -128,6 +134,8 @@ class LoopConfig:
     seed: int = 42
     device: str = "auto"
     dist_timeout_s: int = 1800
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
 
 @dataclass(frozen=True)
@@ -175,7 +183,8 @@ class TrainConfig:
             optim=OptimConfig(a.learning_rate, a.weight_decay, a.adam_epsilon, (0.9, 0.98), a.max_grad_norm,
                               a.warmup_prop, a.reduce_factor, a.gradient_accumulation_steps, a.precision,
                               a.teacher_precision),
-            loop=LoopConfig(a.n_epoch, a.max_steps, a.valid_epochs_patience, a.seed, a.device, a.dist_timeout_s),
+            loop=LoopConfig(a.n_epoch, a.max_steps, a.valid_epochs_patience, a.seed, a.device, a.dist_timeout_s,
+                            a.on_nonfinite, a.max_nonfinite_skips),
             hidden=hidden_config(a, None) if losses.hidden else None,
             add_neg_size_constant=a.add_neg_size_constant,
             curvature=CurvatureConfig.from_args(a) if losses.hidden else None,
@@ -237,7 +246,8 @@ class TrainConfig:
             raise UserError(f"--valid_prop {self.data.valid_prop} must be in [0, 1)")
         for flag, value in (("batch_size", self.data.batch_size), ("n_epoch", self.loop.n_epoch),
                             ("gradient_accumulation_steps", self.optim.gradient_accumulation_steps),
-                            ("log_interval", o.log_interval), ("checkpoint_interval", o.checkpoint_interval)):
+                            ("log_interval", o.log_interval), ("checkpoint_interval", o.checkpoint_interval),
+                            ("max_nonfinite_skips", self.loop.max_nonfinite_skips)):
             if value < 1:
                 raise UserError(f"--{flag} must be at least 1")
         if self.loop.dist_timeout_s < 1:
@@ -247,6 +257,8 @@ class TrainConfig:
         if o.resume == "auto" and (o.force or o.load_from_checkpoint):
             raise UserError("--resume auto resumes from the newest checkpoint in --dump_path: drop --force (it would "
                             "delete them) and --load_from_checkpoint")
+        if self.loop.on_nonfinite not in NONFINITE_POLICIES:
+            raise UserError(f"--on_nonfinite {self.loop.on_nonfinite}: choose from {', '.join(NONFINITE_POLICIES)}")
         dump = o.dump_path
         if dump.exists() and any(dump.iterdir()) and not (o.force or o.load_from_checkpoint or o.resume == "auto"):
             raise UserError(f"--dump_path {dump} already exists; pass --force to overwrite it, or --resume auto "

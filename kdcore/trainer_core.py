@@ -3,7 +3,8 @@
 
 - precision: `PRECISIONS`, `autocast`, `grad_scaler` (native AMP; fp16 with a GradScaler);
 - the optimizer: `build_optimizer` (AdamW, fused where possible, no weight decay on biases, norms and scalars)
-  and `optimizer_step` (unscale, clip, step, scaler update, zero the gradients);
+  and `optimizer_step` (unscale, clip, step, scaler update, zero the gradients), also in two halves:
+  `clip_gradients` then `apply_update` or `discard_update` (for a caller that decides between them);
 - the learning-rate schedule: `LrSchedule` = base lr x linear warm-up x (constant or linear decay) x a
   ReduceLROnPlateau factor (`PlateauScaler`) driven by validations;
 - the hidden-state losses from the command line: `hidden_config` (the shared `--alpha_mse/cos/contrastive`,
@@ -55,15 +56,35 @@ def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: fl
     return adamw([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: Iterable[nn.Parameter],
+                   max_grad_norm: float) -> torch.Tensor:
+    """Unscale the accumulated gradients (fp16) and clip them to `max_grad_norm`; returns their total norm before
+    clipping (a 0-dim tensor, NaN/inf when a gradient is). Follow with `apply_update` or `discard_update`."""
+    scaler.unscale_(optimizer)
+    return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Step (skipped by the scaler on inf/NaN fp16 gradients), update the scaler, zero the gradients."""
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def discard_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Drop the accumulated gradients without stepping. An fp16 scaler that unscaled them still updates its scale
+    (backing off when they overflowed), which also readies it for the next `clip_gradients`."""
+    if scaler.is_enabled():
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: Iterable[nn.Parameter],
                    max_grad_norm: float) -> float:
     """One update from the accumulated gradients: unscale, clip to `max_grad_norm`, step (skipped by the scaler on
     inf/NaN gradients), update the scaler, zero the gradients. Returns the gradient norm before clipping."""
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    norm = clip_gradients(optimizer, scaler, params, max_grad_norm)
+    apply_update(optimizer, scaler)
     return float(norm)
 
 
