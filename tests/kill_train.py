@@ -48,10 +48,10 @@ def plant(fault: str, n: int, train_args: list[str]) -> None:
     if fault == "forward":
         distiller.Distiller._losses = after_nth(distiller.Distiller._losses, n)
     elif fault == "between_steps":
-        distiller.Distiller._optimizer_step = after_nth(distiller.Distiller._optimizer_step, n)
+        distiller.Distiller._apply_update = after_nth(distiller.Distiller._apply_update, n)
     elif fault == "rank1_between_steps":
         if os.environ.get("RANK") == "1":
-            distiller.Distiller._optimizer_step = after_nth(distiller.Distiller._optimizer_step, n)
+            distiller.Distiller._apply_update = after_nth(distiller.Distiller._apply_update, n)
     elif fault == "checkpoint":
         distiller.save_model = after_nth(distiller.save_model, n)
     elif fault == "export":

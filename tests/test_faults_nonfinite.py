@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fault_inject import inject
+from kdcore.fsutil import write_manifest
 from test_alignment_regression import tensorboard_scalars
 from test_glue_data import one_thread  # noqa: F401 (autouse: the in-process runs use one torch thread)
 from test_train import kd_flags, run_train, train_argv
@@ -76,6 +77,7 @@ def test_skip_drops_exactly_the_poisoned_updates_and_survives_resume(tmp_path, p
     old = json.loads(blob["state"])
     del old["nonfinite_skipped"]
     torch.save({**blob, "state": json.dumps(old)}, ckpt / "trainer_state.pt")
+    write_manifest(ckpt, {"global_step": old["global_step"]})  # as that checkpoint's writer would have
     assert run_train(train_argv(pipeline_out, dump, *skip, *resume)) == 0
     assert summary(dump)["global_step"] == 5 and summary(dump)["nonfinite_skipped"] == 0
 
