@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,54 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)(?:\.npy)?$")
+"""The names this module gives temp files and directories: `NAME.tmp-PID`, `NAME.tmp-PID.npy`, `NAME.old-PID`."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_temp(name: str) -> bool:
+    """Whether `name` is a temp name of this module whose writer process no longer exists (it was killed)."""
+    match = _TEMP_NAME.search(name)
+    return match is not None and not _pid_alive(int(match.group(1)))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
+    """Delete every stale temp file or directory under `root` (see `is_stale_temp`); returns what was deleted."""
+    removed = []
+    for parent, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if is_stale_temp(name):
+                _remove(Path(parent) / name)
+                removed.append(Path(parent) / name)
+        dirs[:] = [d for d in dirs if not is_stale_temp(d)]
+    return sorted(removed)
+
+
+def remove_stale_siblings(final: str | os.PathLike) -> None:
+    """Delete the stale temps of `final` only (`final.tmp-PID...`, `final.old-PID`), leaving other writers' alone."""
+    final = Path(final)
+    if final.parent.is_dir():
+        for path in final.parent.iterdir():
+            if _TEMP_NAME.sub("", path.name) == final.name and is_stale_temp(path.name):
+                _remove(path)
 
 
 def temp_sibling(final: Path) -> Path:
