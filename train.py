@@ -410,7 +410,7 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str], step_end_hooks: 
     """This process's share of the run: build (`build_run`), train, export (rank 0 writes). `step_end_hooks`:
     callables f(distiller) run after every applied update (`Distiller.step_end_hooks`; bench/soak.py samples
     memory with one)."""
-    from distiller import CHECKPOINTS, Distiller
+    from distiller import Distiller
     from kdcore.hidden_projection import curvature_value
     from setup_logger import setup_logger
     from utils import git_info, set_seed
@@ -432,9 +432,10 @@ def train_process(cfg: TrainConfig, dist_info, argv: list[str], step_end_hooks: 
             logger = setup_logger("train", dump / "train.log", dist_info.rank)
             for problem in skipped:
                 logger.warning(f"--resume auto: skipping the damaged or incomplete checkpoint {problem}")
-            removed = [name for sub in ("", CHECKPOINTS, "best") for name in remove_stale_temps(dump / sub)]
+            removed = remove_stale_temps(dump)
             if removed:
-                logger.info(f"removed what an interrupted run left half-written: {', '.join(removed)}")
+                logger.info("removed what an interrupted run left half-written: "
+                            + ", ".join(str(p.relative_to(dump)) for p in removed))
             out = cfg.output
             tb_root = Path(out.tensorboard_logs_path) if out.tensorboard_logs_path else dump / "tensorboard"
             # resumed: TensorBoard drops the killed run's events after the checkpoint's update

@@ -18,8 +18,6 @@ from safetensors import SafetensorError
 
 from kdcore.errors import UserError
 
-TEMP_NAME = re.compile(r"\.(tmp|old)-\d+(\.npy)?$")
-"""The names this module writes under before a rename (`name.tmp-PID`, `name.old-PID`, `name.tmp-PID.npy`)."""
 MANIFEST = "manifest.json"
 
 
@@ -55,6 +53,54 @@ def publish_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)(?:\.npy)?$")
+"""The names this module gives temp files and directories: `NAME.tmp-PID`, `NAME.tmp-PID.npy`, `NAME.old-PID`."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_temp(name: str) -> bool:
+    """Whether `name` is a temp name of this module whose writer process no longer exists (it was killed)."""
+    match = TEMP_NAME.search(name)
+    return match is not None and not _pid_alive(int(match.group(1)))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
+    """Delete every stale temp file or directory under `root` (see `is_stale_temp`); returns what was deleted."""
+    removed = []
+    for parent, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if is_stale_temp(name):
+                _remove(Path(parent) / name)
+                removed.append(Path(parent) / name)
+        dirs[:] = [d for d in dirs if not is_stale_temp(d)]
+    return sorted(removed)
+
+
+def remove_stale_siblings(final: str | os.PathLike) -> None:
+    """Delete the stale temps of `final` only (`final.tmp-PID...`, `final.old-PID`), leaving other writers' alone."""
+    final = Path(final)
+    if final.parent.is_dir():
+        for path in final.parent.iterdir():
+            if TEMP_NAME.sub("", path.name) == final.name and is_stale_temp(path.name):
+                _remove(path)
+
+
 def temp_sibling(final: Path) -> Path:
     """A fresh, empty temp directory next to `final` (same file system, so renaming is atomic)."""
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
@@ -87,22 +133,6 @@ def writing(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
     except (OSError, RuntimeError, SafetensorError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot write {what} {path} ({reason}; a full disk or a file-size limit?); {fix}") from err
-
-
-def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
-    """Delete the temp files and directories (`TEMP_NAME`) that a killed writer left in `directory` (not
-    recursive); returns their names. Call it only where no other process is writing."""
-    directory = Path(directory)
-    removed = []
-    if directory.is_dir():
-        for item in directory.iterdir():
-            if TEMP_NAME.search(item.name):
-                if item.is_dir() and not item.is_symlink():
-                    shutil.rmtree(item)
-                else:
-                    item.unlink()
-                removed.append(item.name)
-    return sorted(removed)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

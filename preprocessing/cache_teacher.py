@@ -8,8 +8,9 @@ binarized shard and store its distribution at the rows and over the columns that
 
 Under torchrun (`torchrun --nproc_per_node N preprocessing/cache_teacher.py ...`) every process builds the shards
 rank, rank + N, ...; rank 0 writes the header once all are done. A shard is published whole (temp directory, then
-rename) and a rerun with the same arguments skips the shards already built, so a killed build resumes where it
-stopped and ends equal to a clean build (`sample` draws from a generator seeded per shard).
+rename) and a rerun with the same arguments skips the shards already built and deletes the temp files of the killed
+process, so a killed build resumes where it stopped and ends byte-identical to a clean build (`sample` draws from a
+generator seeded per shard).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kdcore.alignments import (
 )
 from kdcore.artifacts import PipelineDir, check_fingerprints, read_manifest
 from kdcore.errors import UserError
-from kdcore.fsutil import atomic_write_json, staged_dir
+from kdcore.fsutil import atomic_write_json, remove_stale_siblings, staged_dir
 from kdcore.shard_io import NpyStreamWriter, open_shards, read_index
 from kdcore.teacher_cache import (
     CACHE_FORMAT,
@@ -137,6 +138,7 @@ def build(params: CacheParams, log=print) -> dict:
             collator = Collator(t_tok.pad_token_id, s_tok.pad_token_id)
             generator = torch.Generator(device=dist_info.device).manual_seed(params.seed * 100003 + k)
             row_counts = []
+            remove_stale_siblings(final)  # the temp directory a killed build left (this process owns the shard)
             with staged_dir(final) as tmp:
                 writers = {name: NpyStreamWriter(tmp / f"{name}.npy", dtype)
                            for name, (_, dtype) in encoding.widths().items()}
@@ -178,6 +180,7 @@ def build(params: CacheParams, log=print) -> dict:
                                     "again with the same arguments")
                 meta = json.loads((final / ROWS_META).read_text(encoding="utf-8"))
                 entries.append({"name": shard.dir.name, "n_seqs": meta["n_seqs"], "n_rows": meta["n_rows"]})
+            remove_stale_siblings(out / HEADER)
             atomic_write_json(out / HEADER, {**header, "signature": signature, "shards": entries,
                                              "bytes_per_row": encoding.bytes_per_row()})
     shutdown_distributed(dist_info)

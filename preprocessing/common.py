@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 from kdcore.errors import UserError
-from kdcore.tokenizer_utils import fingerprint, load_tokenizer, special_tokens, vocab_list
+from kdcore.tokenizer_utils import CONT_PREFIX, fingerprint, load_tokenizer, special_tokens, vocab_list
 
 DEFAULT_MAX_BAD_FRAC = 0.001
 WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00")
@@ -89,6 +90,47 @@ def iter_corpus(paths: list[str], block_lines: int = 10000, max_bad_frac: float 
         yield block
     if stats.lines == 0:
         raise UserError(f"the corpus ({', '.join(paths)}) contains no text; pass non-empty UTF-8 text files")
+
+
+def count_chars(corpus: list[str], normalizer, max_bad_frac: float) -> tuple[Counter, CorpusStats]:
+    """Character counts of the normalised corpus (whitespace excluded)."""
+    counts: Counter = Counter()
+    stats = CorpusStats()
+    for block in iter_corpus(corpus, max_bad_frac=max_bad_frac, stats=stats):
+        text = "\n".join(block)
+        counts.update(normalizer.normalize_str(text) if normalizer is not None else text)
+    for char in [c for c in counts if c.isspace()]:
+        del counts[char]
+    return counts, stats
+
+
+def train_wordpiece(corpus: list[str], max_bad_frac: float, normalizer, pre_tokenizer, unk_token: str,
+                    specials: list[str], alphabet: list[str], vocab_size: int, min_frequency: int,
+                    max_input_chars_per_word: int = 100) -> list[str]:
+    """Train a WordPiece vocabulary of `vocab_size` entries with the Rust trainer, the same in every run; returns it
+    in the trainer's id order: `specials`, `##c` for every character c of `alphabet`, `alphabet`, then the pieces in
+    the order they were learned.
+
+    The trainer picks the most frequent pair and breaks ties by the pairs' ids, and it numbers each `##c` when it
+    first meets it while walking the corpus words in hash order, which is random per process; so two runs could
+    break a tie differently and learn different pieces. Declaring every `##c` up front (as extra special tokens of
+    this throw-away model, after `specials`) fixes all ids before training, hence every tie-break, whatever the
+    number of threads."""
+    from tokenizers import Tokenizer, models, trainers
+
+    model = Tokenizer(models.WordPiece(unk_token=unk_token, continuing_subword_prefix=CONT_PREFIX,
+                                       max_input_chars_per_word=max_input_chars_per_word))
+    model.normalizer = normalizer
+    model.pre_tokenizer = pre_tokenizer
+    declared = list(dict.fromkeys(specials + [CONT_PREFIX + c for c in alphabet]))
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=declared, limit_alphabet=len(alphabet),
+        initial_alphabet=alphabet, continuing_subword_prefix=CONT_PREFIX, show_progress=False,
+    )
+    model.train_from_iterator((line for block in iter_corpus(corpus, max_bad_frac=max_bad_frac) for line in block),
+                              trainer=trainer)
+    trained = model.get_vocab()
+    return sorted(trained, key=trained.__getitem__)
 
 
 def check_output(path: str | os.PathLike, force: bool, flag: str = "--force") -> Path:

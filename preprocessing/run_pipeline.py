@@ -10,6 +10,12 @@ in OUT/teacher_cache). `OUT/manifest.json` records every step's parameters, inpu
 statistics and a run id; a step is skipped when its signature (its parameters, the fingerprints of its
 external inputs and the run ids of the steps it reads) is unchanged and its outputs exist. `--force`
 redoes every step. An `OUT` built from another teacher tokenizer is refused without `--force`.
+
+Killed at any point (even SIGKILL), the same command resumes: every output is published by a rename once complete
+and a step's manifest entry is written only after all its outputs, so finished steps are skipped, the interrupted
+one is redone and the temp files of the killed process are deleted. Every step is deterministic and a run id is a
+hash of the step's signature and outputs, so the resumed `OUT` is byte-identical to a clean run's (the manifest's
+`seconds` fields aside).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import hashlib
 import json
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +45,10 @@ from common import DEFAULT_MAX_BAD_FRAC
 from kdcore.alignments import selectable_alignments
 from kdcore.artifacts import MANIFEST, read_manifest
 from kdcore.errors import UserError, run_cli
-from kdcore.fsutil import atomic_write_json
+from kdcore.fsutil import atomic_write_json, is_stale_temp, remove_stale_temps
 from kdcore.model_io import check_teacher
 from kdcore.shard_io import read_index
+from kdcore.teacher_cache import HEADER as CACHE_HEADER
 from kdcore.tokenizer_utils import MAX_LEN, fingerprint, load_tokenizer, vocab_list
 
 FORMAT = "rvkd-pipeline/1"
@@ -88,6 +94,18 @@ def _student_tokenizer(a: argparse.Namespace, out: Path) -> dict:
         out=str(out / "student"), char_coverage=a.char_coverage, min_frequency=a.min_frequency,
         student_config_path=a.student_config, max_len=a.max_len, max_bad_frac=a.max_bad_frac, force=True,
     ))
+
+
+def _teacher_cache(a: argparse.Namespace, out: Path) -> dict:
+    """Step 11: build (or complete) the teacher-output cache; statistics of the cache, not of this run's share of
+    the work (a resumed build skips the shards it already published)."""
+    stats = cache_teacher.build(cache_teacher.CacheParams(
+        pipeline_dir=str(out), teacher_name=a.teacher_name, align_logits=a.cache_teacher, out=str(out / CACHE_DIR),
+        temperature=a.cache_temperature, encoding=a.cache_format, k=a.cache_k, dtype=a.cache_dtype,
+        precision=a.cache_precision, batch_size=a.cache_batch_size, seed=a.seed), log=lambda *_: None)
+    header = json.loads((out / CACHE_DIR / CACHE_HEADER).read_text(encoding="utf-8"))
+    return {"shards": len(header["shards"]), "rows": sum(s["n_rows"] for s in header["shards"]),
+            "bytes_per_row": header["bytes_per_row"], "seconds": stats["seconds"]}
 
 
 STEPS = [
@@ -141,11 +159,7 @@ STEPS = [
     Step(11, "cache_teacher", ("regroup_binarized", "find_matching_ids", "matched_vocab", "teacher_tokens_split"),
          ("cache_teacher", "cache_temperature", "cache_format", "cache_k", "cache_dtype", "cache_precision", "seed"),
          ("teacher_tokenizer", "teacher_model"), lambda o: [o / CACHE_DIR / "cache.json"],
-         lambda a, o: cache_teacher.build(cache_teacher.CacheParams(
-             pipeline_dir=str(o), teacher_name=a.teacher_name, align_logits=a.cache_teacher, out=str(o / CACHE_DIR),
-             temperature=a.cache_temperature, encoding=a.cache_format, k=a.cache_k, dtype=a.cache_dtype,
-             precision=a.cache_precision, batch_size=a.cache_batch_size, seed=a.seed), log=lambda *_: None),
-         enabled=lambda a: a.cache_teacher is not None),
+         _teacher_cache, enabled=lambda a: a.cache_teacher is not None),
 ]
 
 
@@ -179,6 +193,16 @@ def signature(step: Step, a: argparse.Namespace, external: dict, manifest: dict)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def run_id(sig: str, step: Step, out: Path) -> str:
+    """A step run's id: a hash of its signature and of the bytes of its output files, the same for every run that
+    computes the same outputs from the same inputs (steps downstream of a redone step are redone only when its
+    outputs changed)."""
+    digest = hashlib.sha256(sig.encode())
+    for path in step.outputs(out):
+        digest.update(path.relative_to(out).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:32]
+
+
 def up_to_date(step: Step, sig: str, manifest: dict, out: Path) -> bool:
     record = manifest["steps"].get(step.name)
     if record is None or record.get("signature") != sig:
@@ -195,7 +219,7 @@ def check_out_dir(out: Path, teacher_fp: str, force: bool) -> dict:
         return fresh
     manifest = read_manifest(out)
     if manifest is None:
-        if any(out.iterdir()) and not force:
+        if any(not is_stale_temp(p.name) for p in out.iterdir()) and not force:
             raise UserError(f"--out_dir {out} exists and is not a pipeline output (no {MANIFEST}); choose a new "
                             "--out_dir or pass --force")
         return fresh
@@ -233,7 +257,10 @@ def run(a: argparse.Namespace, log=print) -> dict:
 
 
 def run_steps(a: argparse.Namespace, out: Path, external: dict, manifest: dict, log) -> dict:
-    """Run every step that is not up to date, recording each one in the manifest as it finishes."""
+    """Run every step that is not up to date, recording each one in the manifest once all its outputs exist."""
+    removed = remove_stale_temps(out)
+    if removed:
+        log(f"removed {len(removed)} temp file(s) of a killed run: {', '.join(str(p.relative_to(out)) for p in removed)}")
     manifest["params"] = {k: v for k, v in vars(a).items() if k != "force"}
     total = time.perf_counter()
     for k, step in enumerate(STEPS, 1):
@@ -247,7 +274,7 @@ def run_steps(a: argparse.Namespace, out: Path, external: dict, manifest: dict, 
         start = time.perf_counter()
         stats = step.run(a, out)
         seconds = round(time.perf_counter() - start, 3)
-        manifest["steps"][step.name] = {"number": step.number, "signature": sig, "run_id": uuid.uuid4().hex,
+        manifest["steps"][step.name] = {"number": step.number, "signature": sig, "run_id": run_id(sig, step, out),
                                         "seconds": seconds, "stats": stats}
         if step.name == "train_reduced_tok":
             manifest["fingerprints"]["student"] = fingerprint(load_tokenizer(out / "student", "student"))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
-from common import DEFAULT_MAX_BAD_FRAC, CorpusStats, check_output, iter_corpus
+from common import DEFAULT_MAX_BAD_FRAC, check_output, count_chars, train_wordpiece
 from kdcore.errors import UserError, run_cli
 from kdcore.fsutil import atomic_write_json, staged_dir
 from kdcore.tokenizer_utils import (
@@ -50,21 +50,9 @@ def alphabet_at_coverage(char_counts: Counter, coverage: float) -> list[str]:
     return alphabet
 
 
-def count_chars(corpus: list[str], normalizer, max_bad_frac: float) -> tuple[Counter, CorpusStats]:
-    """Character counts of the normalised corpus (whitespace excluded)."""
-    counts: Counter = Counter()
-    stats = CorpusStats()
-    for block in iter_corpus(corpus, max_bad_frac=max_bad_frac, stats=stats):
-        text = "\n".join(block)
-        counts.update(normalizer.normalize_str(text) if normalizer is not None else text)
-    for char in [c for c in counts if c.isspace()]:
-        del counts[char]
-    return counts, stats
-
-
 def final_vocab(specials: list[str], alphabet: list[str], learned: list[str], size: int) -> list[str]:
     """specials + alphabet (`c` and `##c`) + the first learned pieces in training order, up to `size` entries
-    (the pieces sorted by string: the trainer orders pieces of equal count differently from run to run)."""
+    (the pieces sorted by string, so that the ids follow a fixed order)."""
     base = list(dict.fromkeys(specials + alphabet + [CONT_PREFIX + c for c in alphabet]))
     if size < len(base):
         raise UserError(f"--vocab_size {size} is too small: the special tokens and the {len(alphabet)}-character "
@@ -151,9 +139,7 @@ class ReducedTokParams:
 
 
 def train(params: ReducedTokParams) -> dict:
-    """Train and save the student tokenizer (and config); returns statistics."""
-    from tokenizers import Tokenizer, models, trainers
-
+    """Train and save the student tokenizer (and config); the same bytes in every run; returns statistics."""
     out_dir = check_output(params.out, params.force)
     teacher = load_tokenizer(params.teacher_name, "teacher")
     wp = wordpiece_settings(teacher)
@@ -168,19 +154,9 @@ def train(params: ReducedTokParams) -> dict:
     config = (read_student_config(params.student_config_path, params.max_len)
               if params.student_config_path else None)
 
-    model = Tokenizer(models.WordPiece(unk_token=wp["unk_token"], continuing_subword_prefix=CONT_PREFIX,
-                                       max_input_chars_per_word=wp["max_input_chars_per_word"]))
-    model.normalizer = backend.normalizer
-    model.pre_tokenizer = backend.pre_tokenizer
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=params.vocab_size, min_frequency=params.min_frequency, special_tokens=specials,
-        limit_alphabet=len(alphabet), initial_alphabet=alphabet, continuing_subword_prefix=CONT_PREFIX,
-        show_progress=False,
-    )
-    lines = (line for block in iter_corpus(params.corpus, max_bad_frac=params.max_bad_frac) for line in block)
-    model.train_from_iterator(lines, trainer=trainer)
-    learned_map = model.get_vocab()
-    learned = sorted(learned_map, key=learned_map.__getitem__)
+    learned = train_wordpiece(params.corpus, params.max_bad_frac, backend.normalizer, backend.pre_tokenizer,
+                              wp["unk_token"], specials, alphabet, params.vocab_size, params.min_frequency,
+                              wp["max_input_chars_per_word"])
     vocab = final_vocab(specials, alphabet, learned, params.vocab_size)
 
     student = build_student_tokenizer(teacher, vocab, params.max_len)

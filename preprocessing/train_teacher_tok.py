@@ -12,7 +12,7 @@ import json
 import sys
 
 import _bootstrap  # noqa: F401
-from common import DEFAULT_MAX_BAD_FRAC, check_output, iter_corpus
+from common import DEFAULT_MAX_BAD_FRAC, check_output, count_chars, train_wordpiece
 from kdcore.errors import UserError, run_cli
 from kdcore.fsutil import staged_dir
 from kdcore.tokenizer_utils import CONT_PREFIX, MAX_LEN, canonical_order, write_vocab_txt
@@ -24,27 +24,28 @@ def train_bert_tokenizer(corpus: list[str], vocab_size: int, out: str, lowercase
                          n_unused: int = 10, min_frequency: int = 2, max_len: int = MAX_LEN,
                          limit_alphabet: int = 1000, max_bad_frac: float = DEFAULT_MAX_BAD_FRAC,
                          force: bool = False) -> dict:
-    """Train and save the tokenizer directory (tokenizer.json, tokenizer_config.json, vocab.txt)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Train and save the tokenizer directory (tokenizer.json, tokenizer_config.json, vocab.txt), the same bytes in
+    every run. The alphabet: the `limit_alphabet` most frequent characters of the normalised corpus (ties by
+    character)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     out_dir = check_output(out, force)
     specials = ["[PAD]"] + [f"[unused{i}]" for i in range(n_unused)] + SPECIALS[1:]
     if vocab_size <= len(specials):
         raise UserError(f"--vocab_size {vocab_size} must exceed the {len(specials)} special tokens")
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix=CONT_PREFIX))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                            lowercase=lowercase)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts, _ = count_chars(corpus, normalizer, max_bad_frac)
+    alphabet = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit_alphabet]]
+    trained = train_wordpiece(corpus, max_bad_frac, normalizer, pre_tokenizer, "[UNK]", specials, alphabet,
+                              vocab_size, min_frequency)
+    vocab = {t: i for i, t in enumerate(canonical_order(trained, len(specials)))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix=CONT_PREFIX))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece(prefix=CONT_PREFIX)
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                        limit_alphabet=limit_alphabet, continuing_subword_prefix=CONT_PREFIX,
-                                        show_progress=False)
-    lines = (line for block in iter_corpus(corpus, max_bad_frac=max_bad_frac) for line in block)
-    tok.train_from_iterator(lines, trainer=trainer)
-    trained = tok.get_vocab()
-    vocab = {t: i for i, t in enumerate(canonical_order(sorted(trained, key=trained.__getitem__), len(specials)))}
-    tok.model = models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix=CONT_PREFIX)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],

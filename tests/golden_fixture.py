@@ -1,7 +1,8 @@
 """A synthetic pipeline output that is byte-for-byte the same in every run: the teacher's and the student's
-vocabularies are read from `tests/golden/` instead of trained (the WordPiece trainer is not deterministic), the
-corpus, the teacher's weights and every later pipeline step are. The teacher's weights are drawn wide (std 0.5)
-so that its distributions are peaked and the distillation terms move the student measurably."""
+vocabularies are read from `tests/golden/` instead of trained (so that they depend neither on the WordPiece trainer
+nor on the version of the `tokenizers` library), the corpus, the teacher's weights and every later pipeline step
+are deterministic. The teacher's weights are drawn wide (std 0.5) so that its distributions are peaked and the
+distillation terms move the student measurably."""
 
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ def write_vocab_tokenizer(directory: Path, vocab: str) -> Path:
 def make_teacher(directory: Path, corpus: Path, vocab_size: int = 300, layers: int = 4, hidden: int = 48,
                  seed: int = 0, vocab_file: Path | None = None, init_range: float = 0.02) -> Path:
     """A vocab.txt-only BERT tokenizer plus a random tiny BertForMaskedLM. The vocabulary is trained on `corpus`
-    (the Rust WordPiece trainer breaks ties between equally frequent pieces by hash order, so two trainings may
-    keep different pieces), or read from `vocab_file` for a fixture that is the same in every run. `init_range`:
+    (the same in every run: `common.train_wordpiece`), or read from `vocab_file` for a fixture that does not depend
+    on the trainer (nor on the version of the `tokenizers` library). `init_range`:
     the std of the random weights (larger: peakier output distributions)."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
