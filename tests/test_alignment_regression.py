@@ -87,6 +87,7 @@ def test_ten_updates_reproduce_the_recorded_run(tmp_path, golden, name):
     assert run_train(argv) == 0
     want = GOLDEN[name]
     got = tensorboard_scalars(dump / "tensorboard" / "run")
+    assert set(got.pop("train/nonfinite_skipped").values()) == {0.0}  # logged since the recording; nothing skipped
     assert got.keys() == want["scalars"].keys()
     for tag, values in want["scalars"].items():
         assert got[tag].keys() == values.keys(), tag
