@@ -21,12 +21,26 @@ from kdcore.errors import UserError
 MANIFEST = "manifest.json"
 
 
+DISK_FIX = "free disk space (or raise the file-size limit), then rerun the same command"
+
+
+@contextmanager
+def _temp_file(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temp name next to `path`, renamed onto `path` when the block succeeds and deleted when it fails; a failed
+    write is a one-line `UserError` (`writing`)."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}{suffix}")
+    try:
+        with writing(path, "file", DISK_FIX):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file under a temp name and rename it into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with _temp_file(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -36,10 +50,8 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """`np.save` under a temp name, then rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, path)
+    with _temp_file(Path(path), ".npy") as tmp:
+        np.save(tmp, array, allow_pickle=False)
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from kdcore.artifacts import read_npy
 from kdcore.errors import UserError
-from kdcore.fsutil import atomic_save_npy, atomic_write_json, publish_dir, temp_sibling
+from kdcore.fsutil import DISK_FIX, atomic_save_npy, atomic_write_json, publish_dir, temp_sibling, writing
 from kdcore.tokenizer_utils import smallest_uint
 
 FORMAT = "rvkd-shard/1"
@@ -137,22 +137,29 @@ class ShardWriter:
                 raise ValueError(f"{side} token id {int(ids.max())} >= vocabulary size {self.vocab_sizes[side]}")
             if int(lengths.sum()) != ids.size:
                 raise ValueError(f"{side} lengths do not add up to the number of tokens")
-            self._ids[side].append(ids)
+            with writing(self.final, "shard", DISK_FIX):
+                self._ids[side].append(ids)
             self._lengths[side].append(np.asarray(lengths, dtype=np.int64))
         self.n_seqs += len(block.t_lengths)
 
     def close(self) -> dict:
-        """Finish the files, write `shard.json`, publish the directory; returns the metadata."""
+        """Finish the files, write `shard.json`, publish the directory; returns the metadata. A failed write
+        removes the temp directory and is a one-line `UserError`."""
         meta = {"format": FORMAT, "n_seqs": self.n_seqs, "has_match": False, "fingerprints": self.fingerprints}
-        for side in SIDES:
-            self._ids[side].close()
-            lengths = np.concatenate(self._lengths[side]) if self._lengths[side] else np.zeros(0, np.int64)
-            np.save(self.tmp / f"{side}_offsets.npy", offsets_from_lengths(lengths), allow_pickle=False)
-            meta[f"{side}_vocab_size"] = self.vocab_sizes[side]
-            meta[f"{side}_dtype"] = self._ids[side].dtype.name
-            meta[f"n_{side}_tokens"] = self._ids[side].count
-        atomic_write_json(self.tmp / META, meta)
-        publish_dir(self.tmp, self.final)
+        try:
+            with writing(self.final, "shard", DISK_FIX):
+                for side in SIDES:
+                    self._ids[side].close()
+                    lengths = np.concatenate(self._lengths[side]) if self._lengths[side] else np.zeros(0, np.int64)
+                    np.save(self.tmp / f"{side}_offsets.npy", offsets_from_lengths(lengths), allow_pickle=False)
+                    meta[f"{side}_vocab_size"] = self.vocab_sizes[side]
+                    meta[f"{side}_dtype"] = self._ids[side].dtype.name
+                    meta[f"n_{side}_tokens"] = self._ids[side].count
+                atomic_write_json(self.tmp / META, meta)
+                publish_dir(self.tmp, self.final)
+        except BaseException:
+            self.abort()
+            raise
         return meta
 
     def abort(self) -> None:

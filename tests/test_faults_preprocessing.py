@@ -141,3 +141,26 @@ def test_kill_during_the_cache_build_then_the_same_command_ends_as_a_clean_build
     assert _temps(cache) == []
     _assert_same(cache, runs["clean"] / "teacher_cache")
     shutil.rmtree(cache)
+
+
+def test_a_full_disk_while_writing_shards_is_one_line_and_the_same_command_then_finishes(tmp_path, teacher_dir,
+                                                                                         corpus, student_config):
+    """RLIMIT_FSIZE (20 KB: the tokenizer and maps fit, a shard's ids do not) makes step 3's writes fail."""
+    import resource
+
+    argv = ["--teacher_name", str(teacher_dir), "--corpus", str(corpus), "--student_vocab_size", "150",
+            "--student_config", str(student_config), "--out_dir", str(tmp_path / "out"), "--max_len", "24",
+            "--n_shards", "2", "--num_workers", "1"]
+    cmd = [sys.executable, str(ROOT / "preprocessing" / "run_pipeline.py"), *argv]
+    full = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)))
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    line = full.stderr.strip()
+    assert "\n" not in line and line.startswith("error: cannot write shard ") and "free disk space" in line, line
+    assert not _temps(tmp_path / "out")
+    done = _steps_logged(full.stdout)
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    logged = _steps_logged(again.stdout)
+    assert done and all(logged[step] == "skipped" for step in done), (done, logged)
+    assert not _temps(tmp_path / "out")
