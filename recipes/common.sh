@@ -14,10 +14,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The paper's optimisation: per-GPU batch 4, gradient accumulation 128, up to 64 epochs, AdamW (lr 5e-4, betas
 # 0.9/0.98, eps 1e-6, no weight decay), warm-up over 5% of the updates, ReduceLROnPlateau factor 0.5 (patience 3,
 # cooldown 3, threshold 1e-2, min lr 1e-6: the trainer's schedule), clipping at 5, validation on 10%, seed 42.
+# --resume auto: relaunching a recipe after a crash continues from the newest complete checkpoint in OUT.
 paper_args=(--pipeline_dir "$PIPE" --dump_path "$OUT" --batch_size "${BATCH_SIZE:-4}" --gradient_accumulation_steps 128
             --n_epoch 64 --learning_rate 5e-4 --adam_epsilon 1e-6 --weight_decay 0 --warmup_prop 0.05
             --reduce_factor 0.5 --max_grad_norm 5 --valid_prop 0.1 --group_by_size --seed 42
-            --log_interval 10 --checkpoint_interval 500)
+            --log_interval 10 --checkpoint_interval 500 --resume auto)
 teacher_args() {  # the teacher, and its cache when TEACHER_CACHE is set
   : "${TEACHER:?set TEACHER to the teacher directory}"
   printf '%s\n' --teacher_name "$TEACHER"
@@ -27,7 +28,7 @@ smoke_args=()
 if [[ "${SMOKE:-0}" == 1 ]]; then
   export N_GPU_NODE="${N_GPU_NODE:-1}"
   smoke_args=(--device cpu --max_steps 2 --batch_size 4 --gradient_accumulation_steps 1 --n_epoch 1 --valid_prop 0.02
-              --checkpoint_interval 2 --log_interval 1 --force)
+              --checkpoint_interval 2 --log_interval 1)
 fi
 run_train() {  # run_train [train.py arguments] [-- sub-command arguments]
   local main=() sub=()

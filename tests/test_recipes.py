@@ -60,5 +60,10 @@ def test_recipes_pass_arguments_through_and_read_a_teacher_cache(tmp_path, pipel
     assert proc.returncode == 0, proc.stderr[-3000:]
     params = json.loads((out / "parameters.json").read_text())
     assert params["data"]["teacher_cache"] == str(cache) and params["loop"]["seed"] == 7
+    summary = json.loads((out / "train_summary.json").read_text())
+    proc = smoke("reduce_map_kl_mlm", pipeline_out, teacher_dir, out, "--seed", "7", TEACHER_CACHE=str(cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]  # relaunched: --resume auto, the run had ended
+    assert "resumed at update 2 " in (out / "train.log").read_text()
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == summary["global_step"] == 2
     proc = smoke("match_mse_kl_mlm", pipeline_out, teacher_dir, out, PIPE="")
     assert proc.returncode != 0 and "set PIPE" in proc.stderr
