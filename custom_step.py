@@ -200,26 +200,29 @@ def kl_div_sampled(columns: Tensor, counts: Tensor | None, entropy: Tensor, stud
 class _Uld(torch.autograd.Function):
     """1 / N * sum_r sum_k |sort(p_r)_k - sort(q_r)_k| for teacher logits [N, V_T] and student logits [N, V_S]
     (N > 0), p = softmax(t / T), q = softmax(s / T), both sorted in decreasing order, the shorter vector padded
-    with zeros; computed in `dtype`, `rows` rows at a time. Per row block: two softmaxes, two sorts, the gradient.
-    One [N, V_S] tensor is kept for the backward: d loss_r / d s_r = q * (g - <g, q>) / T, where g [V_S] is the
-    sign of (q - p) at the rank of each student column (sign(q) past V_T). No double backward."""
+    with zeros; computed in `dtype`, `rows` rows at a time. Only the K = min(V_T, V_S) largest values of each side
+    meet a nonzero partner: past rank K one side is padding, so those ranks add the rest of the longer side's mass
+    (its total minus its K largest) and a student column there has the sign +1. Hence a partial sort (the K
+    largest, `torch.topk`) of the longer vector. One [N, V_S] tensor is kept for the backward:
+    d loss_r / d s_r = q * (g - <g, q>) / T, where g [V_S] is the sign of (q - p) at the rank of each student
+    column among its K largest, sign(q) elsewhere. No double backward."""
 
     @staticmethod
     def forward(ctx, teacher: Tensor, student: Tensor, temperature: float, dtype: torch.dtype,
                 rows: int) -> Tensor:
         n, v_student = student.shape
-        head = min(teacher.shape[1], v_student)
+        k = min(teacher.shape[1], v_student)
         grad = torch.empty((n, v_student), dtype=dtype, device=student.device)
         total = grad.new_zeros(())
         for start in range(0, n, rows):
             block = slice(start, min(start + rows, n))
-            p_sorted = torch.softmax(teacher[block].to(dtype) / temperature, -1).sort(-1, descending=True).values
+            p = torch.softmax(teacher[block].to(dtype) / temperature, -1)
+            p_top = p.topk(k, -1).values
             q = torch.softmax(student[block].to(dtype) / temperature, -1)
-            q_sorted, order = q.sort(-1, descending=True)
-            diff = q_sorted[:, :head] - p_sorted[:, :head]
-            total += diff.abs().sum() + p_sorted[:, head:].sum() + q_sorted[:, head:].sum()
-            signs = torch.cat((diff.sign(), q_sorted[:, head:].sign()), 1)
-            g = grad[block].scatter_(1, order, signs)
+            q_top, order = q.topk(k, -1)
+            diff = q_top - p_top
+            total += diff.abs().sum() + (p.sum() - p_top.sum()) + (q.sum() - q_top.sum())
+            g = torch.sign(q, out=grad[block]).scatter_(1, order, diff.sign())
             g.sub_((g * q).sum(-1, keepdim=True)).mul_(q).div_(temperature)
         ctx.save_for_backward(grad)
         ctx.n, ctx.student_dtype = n, student.dtype
@@ -248,9 +251,10 @@ def uld_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: float,
     Memory: rows go `chunk_rows` at a time (default: `KL_CHUNK_ELEMENTS` elements of the wider vocabulary, e.g.
     139 rows at V_T = 120K on an accelerator), each block holding its softmaxes and sorts (scaled logits,
     probabilities, sorted values and int64 indices: about 20 bytes per element in fp32); kept for the backward:
-    one [N, V_S] tensor. Nothing of size
-    V_T x V_S is built. Cost: two sorts per row, O(V_T log V_T + V_S log V_S); at V_T = 120K the teacher's sort
-    dominates the loss (a KL over the same rows is a few elementwise passes)."""
+    one [N, V_S] tensor. Nothing of size V_T x V_S is built. Cost: per row a sort of the shorter vector and a
+    partial sort (its K = min(V_T, V_S) largest) of the longer one; on 2 (shared) CPU threads, 64 rows at
+    V_T = 120K, V_S = 30K: about 0.3-0.5 s for the teacher's top 30K (its full sort: 1.3-1.6 s) and 0.25-0.35 s for
+    the student's sort, against 0.02 s for a KL over 30K columns: the sorts dominate the loss."""
     if teacher_logits.dim() != 2 or student_logits.dim() != 2 or teacher_logits.shape[0] != student_logits.shape[0]:
         raise ValueError(f"teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)} logits "
                          "must be [N, V_T] and [N, V_S] over the same rows")
