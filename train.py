@@ -19,7 +19,12 @@ Logit alignment (`--align_logits`, chosen explicitly, never inferred from the fi
 - shared vocabulary (the teacher's and the student's tokenizers are identical, e.g. the pipeline run with
   `--student_tokenizer TEACHER_DIR`): recognised automatically; as in DistilBERT both models read the same
   masked ids and the KL covers every non-pad position (only the MLM targets with `--restrict_ce_to_mask`)
-  over the whole vocabulary.
+  over the whole vocabulary;
+- `uld`: Universal Logit Distillation (Boizard et al., 2024), no vocabulary map: at match positions
+  (`--uld_positions match`, the default, reading the shards' match masks only) or reduce positions
+  (`--uld_positions reduce`, `--t2s_mapping`), the L1 distance between the teacher's probabilities over its whole
+  vocabulary and the student's over its whole vocabulary at `--temperature`, each sorted in decreasing order
+  (the shorter padded with zeros), averaged over the aligned positions; logged as loss_ce. No `--teacher_cache`.
 An artifact flag that the chosen alignment does not read is an error.
 Without `--teacher_name` only the MLM loss is trained (the no-distillation baseline, or pretraining).
 """
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, selectable_alignments
+from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, ULD_POSITIONS, selectable_alignments
 from kdcore.artifacts import check_fingerprints, load_counts, read_manifest
 from kdcore.config import NONFINITE_POLICIES, RESUME_MODES, TrainConfig
 from kdcore.errors import UserError
@@ -117,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reduce_map_impl", choices=EXACT_REDUCE_MAP_IMPLS, default="sparse",
                    help="reduce_map implementation: sparse (exact gradient) or my_index (inverse-map backward: with "
                    "the pipeline's capped inverse map a partial-sum gradient, see README)")
+    g.add_argument("--uld_positions", choices=tuple(ULD_POSITIONS),
+                   help="--align_logits uld: the positions compared (default match: same token over the same text; "
+                   "reduce: every teacher position, the student's t2s pieces' logits pooled onto it, --average_logits "
+                   "for mean)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--n_epoch", type=int, default=3)

@@ -38,7 +38,8 @@ Configurations (`--configs`): `mlm` (student MLM only, no teacher), `match`, `re
 `reduce_map/my_index` (`--reduce_map_impl`; pieces combined by logsumexp, `--sum_probs`, as the paper's
 reduce-map runs, unless `--reduce_map_mode sum`), and each hidden-state loss on top of match KL: `match+mse`
 (`--alpha_mse 0.1`), `match+cos` (`--alpha_cos 0.1`), `match+contrastive` (`--alpha_contrastive 0.1
---n_negative_samples 64`) and `match+hyperbolic` (the same, then `hyperbolic --c 1.0`).
+--n_negative_samples 64`) and `match+hyperbolic` (the same, then `hyperbolic --c 1.0`); `uld` (Universal Logit
+Distillation at match positions: every teacher and every student column, sorted probability vectors compared by L1).
 
 Measurements per configuration (train_step's helpers): the first min(--steps, 4) batches of the sampler each
 run once under `FlopCounterMode` (`train_step.count_flops`, with products that have a sparse operand counted
@@ -113,6 +114,7 @@ CONFIGS = {
     "match+cos": [*MATCH, "--alpha_cos", "0.1"],
     "match+contrastive": CONTRASTIVE,
     "match+hyperbolic": [*CONTRASTIVE, "hyperbolic", "--c", "1.0"],
+    "uld": ["--align_logits", "uld"],
 }
 """configuration -> its train.py arguments (after the common ones; `mlm` runs without a teacher)."""
 MAX_BATCHES = 4

@@ -11,13 +11,17 @@ Two halves:
 - **logit alignments** (`LogitAlignment`, registry `ALIGNMENTS`, `--align_logits`): positions plus the vocabulary
   columns compared. `match` and `reduce`: the matched vocabulary (tokens in both vocabularies); `reduce_map`:
   reduce positions, every mapped teacher token scored from its pieces' student logits (sum, or logsumexp with
-  `--sum_probs`); `shared`: every column (chosen automatically when teacher and student share the tokenizer).
+  `--sum_probs`); `shared`: every column (chosen automatically when teacher and student share the tokenizer);
+  `uld`: match or reduce positions (`--uld_positions`), every teacher and every student column, compared by the
+  Universal Logit Distillation loss (sorted probability vectors, no vocabulary map) instead of the KL.
 
 Each class declares the artifact flags it reads (`artifacts`), so a run fills exactly those from a pipeline
 directory and refuses the others; the teacher rows and columns it reads (`Positions.teacher_rows`,
 `LogitAlignment.teacher_columns`), so that the teacher computes nothing else; the student pass it needs
 (`Positions.student_pass`); and how the student's scores are aligned to the teacher rows
-(`Positions.select` -> logits -> `Positions.pool` -> `LogitAlignment.scores`).
+(`Positions.select` -> logits -> `Positions.pool` -> `LogitAlignment.scores`); the loss that compares them
+(`LogitAlignment.loss`: the KL unless the alignment says otherwise) and whether a teacher cache can serve it
+(`LogitAlignment.uncacheable`).
 
 Adding an alignment is one class with `@register`; the command line's choices come from the registry.
 """
@@ -34,7 +38,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from custom_step import IGNORE_INDEX, REDUCE_MAP_IMPLS, reduce_map_logits, reduce_map_matrix, reduce_pool
+from custom_step import (
+    IGNORE_INDEX,
+    REDUCE_MAP_IMPLS,
+    kl_div_loss,
+    reduce_map_logits,
+    reduce_map_matrix,
+    reduce_pool,
+    uld_loss,
+)
 from kdcore.artifacts import (
     ARTIFACT_FLAGS,
     load_matched_vocab,
@@ -78,6 +90,7 @@ class AlignmentConfig:
     average_hiddens: bool = False
     reduce_map_impl: str = "sparse"
     restrict_ce_to_mask: bool = False
+    uld_positions: str | None = None  # --align_logits uld: "match" (None: not given, match) or "reduce"
 
     def artifact(self, flag: str) -> str:
         """The path given for an artifact flag (a UserError naming the flag when it is missing)."""
@@ -220,6 +233,8 @@ class SharedPositions(Positions):
 
 HIDDEN_POSITIONS: dict[str, type[Positions]] = {cls.name: cls for cls in (MatchPositions, ReducePositions)}
 """`--align_hiddens` choices (with one vocabulary the hidden states always pair `shared`)."""
+ULD_POSITIONS: dict[str, type[Positions]] = dict(HIDDEN_POSITIONS)
+"""`--uld_positions` choices (the first is the default)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,11 +244,13 @@ HIDDEN_POSITIONS: dict[str, type[Positions]] = {cls.name: cls for cls in (MatchP
 
 class LogitAlignment:
     """What the KL term compares: `positions` (rows), the teacher's and the student's vocabulary columns
-    (int64 [K] or None = all), and `scores`, which turns the student's pooled logits over `student_columns`
-    into scores over `teacher_columns` ([N, K_S] -> [N, K_T], the identity unless a map is involved)."""
+    (int64 [K] or None = all), `scores`, which turns the student's pooled logits over `student_columns`
+    into scores over `teacher_columns` ([N, K_S] -> [N, K_T], the identity unless a map is involved), and `loss`,
+    which compares them with the teacher's logits (the KL at `temperature` by default)."""
 
     name: ClassVar[str]
     selectable: ClassVar[bool] = True  # offered by --align_logits (shared is chosen by the tokenizers)
+    uncacheable: ClassVar[str | None] = None  # why a teacher cache cannot serve this alignment (None: it can)
 
     def __init__(self, positions: Positions, temperature: float, teacher_columns: Tensor | None = None,
                  student_columns: Tensor | None = None):
@@ -252,6 +269,11 @@ class LogitAlignment:
 
     def scores(self, pooled: Tensor) -> Tensor:
         return pooled
+
+    def loss(self, teacher_logits: Tensor, student_scores: Tensor) -> Tensor:
+        """The term's 0-dim value from the teacher's logits [N, K_T] and the student's `scores` [N, K_T]:
+        T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)) (`custom_step.kl_div_loss`)."""
+        return kl_div_loss(teacher_logits, student_scores, self.temperature)
 
     def approximation(self) -> str | None:
         """What this alignment approximates in the run, for the log (None: it is exact)."""
@@ -283,6 +305,11 @@ def register(cls: type[LogitAlignment]) -> type[LogitAlignment]:
 def selectable_alignments() -> tuple[str, ...]:
     """The `--align_logits` choices."""
     return tuple(name for name, cls in ALIGNMENTS.items() if cls.selectable)
+
+
+def cacheable_alignments() -> tuple[str, ...]:
+    """The `--align_logits` choices that a teacher cache can serve (`cache_teacher.py`'s choices)."""
+    return tuple(name for name in selectable_alignments() if not ALIGNMENTS[name].uncacheable)
 
 
 def _matched_columns(cfg: AlignmentConfig, vocab: Vocabularies) -> tuple[Tensor, Tensor]:
@@ -396,6 +423,46 @@ class Shared(LogitAlignment):
         return cls(SharedPositions(cfg.restrict_ce_to_mask), temperature)
 
 
+@register
+class Uld(LogitAlignment):
+    """Universal Logit Distillation (Boizard et al., 2024): at match positions (`--uld_positions match`, the
+    student's own pass) or reduce positions (`reduce`: the t2s pass, the pieces' logits pooled onto each teacher
+    position by sum, or mean with `--average_logits`), the teacher's probabilities over its whole vocabulary and
+    the student's over its whole vocabulary (with reduce: the softmax of the pooled logits), both at T, sorted and
+    compared by L1 (`custom_step.uld_loss`); no vocabulary map, no matched columns."""
+
+    name = "uld"
+    uncacheable = ("its loss reads the teacher's whole distribution (every column, sorted) at every aligned row, "
+                   "which no cache encoding stores; drop --teacher_cache (the teacher runs online)")
+
+    @classmethod
+    def positions_class(cls, cfg: AlignmentConfig) -> type[Positions]:
+        """The positions chosen by `--uld_positions` (match when not given)."""
+        choice = cfg.uld_positions or next(iter(ULD_POSITIONS))
+        if choice not in ULD_POSITIONS:
+            raise UserError(f"--uld_positions {choice} is not one of {', '.join(ULD_POSITIONS)}")
+        return ULD_POSITIONS[choice]
+
+    @classmethod
+    def artifacts(cls, cfg):
+        return cls.positions_class(cfg).artifacts
+
+    @classmethod
+    def build(cls, cfg, temperature, vocab):
+        positions = cls.positions_class(cfg)
+        return cls(positions("mean" if cfg.average_logits else "sum") if positions is ReducePositions
+                   else positions(), temperature)
+
+    def loss(self, teacher_logits, student_scores):
+        """Mean over rows of the L1 distance between the sorted probability vectors at T (`uld_loss`; teacher
+        [N, V_T], student [N, V_S])."""
+        return uld_loss(teacher_logits, student_scores, self.temperature)
+
+    def describe(self):
+        return (f"{self.name} ({self.positions.name} rows, all teacher and all student columns, L1 between sorted "
+                "probability vectors)")
+
+
 def dropped_pair_share(t2s_padded: np.ndarray, mapped: np.ndarray, s2t_padded: np.ndarray, n_teacher: int,
                        n_student: int) -> float:
     """Share of the (teacher token, piece) pairs of the mapped teacher tokens that the inverse map lacks.
@@ -482,7 +549,7 @@ def check_artifact_flags(cfg: AlignmentConfig, kl: bool, hidden: bool, shared_vo
     for flag in ARTIFACT_FLAGS:
         if getattr(cfg, flag) and flag not in needed:
             readers = [name for name, cls in ALIGNMENTS.items() if flag in cls.artifacts(
-                dataclasses.replace(cfg, reduce_map_impl="my_index"))]
+                dataclasses.replace(cfg, reduce_map_impl="my_index", uld_positions="reduce"))]
             what = f"--align_logits {chosen}" if chosen else "a run without KL"
             raise UserError(f"--{flag} is not read by {what}"
                             f"{' with one vocabulary' if shared_vocab and kl else ''}; drop it "
@@ -491,6 +558,8 @@ def check_artifact_flags(cfg: AlignmentConfig, kl: bool, hidden: bool, shared_vo
         for flag, on in (("sum_probs", cfg.sum_probs), ("reduce_map_impl", cfg.reduce_map_impl != "sparse")):
             if on:
                 raise UserError(f"--{flag} only applies to --align_logits reduce_map")
+    if cfg.uld_positions is not None and chosen != Uld.name:
+        raise UserError(f"--uld_positions only applies to --align_logits {Uld.name}")
     if cfg.restrict_ce_to_mask and chosen != Shared.name:
         raise UserError("--restrict_ce_to_mask needs a teacher with the student's vocabulary (shared-vocabulary "
                         "distillation) and --alpha_ce > 0; with different vocabularies --align_logits chooses the "

@@ -18,6 +18,7 @@ from kdcore.alignments import (
     build_alignments,
     check_artifact_flags,
     hidden_positions_class,
+    logit_alignment_class,
     required_artifacts,
 )
 from kdcore.artifacts import ARTIFACT_FLAGS, PipelineDir
@@ -208,6 +209,10 @@ class TrainConfig:
         if cfg.data.teacher_cache and shared:
             raise UserError("--teacher_cache needs different vocabularies: with one vocabulary the teacher reads the "
                             "student's masked ids, which change every step")
+        if cfg.data.teacher_cache and cfg.losses.kl:
+            kl_class = logit_alignment_class(cfg.alignment, shared)
+            if kl_class.uncacheable:
+                raise UserError(f"--teacher_cache cannot serve --align_logits {kl_class.name}: {kl_class.uncacheable}")
         if cfg.losses.hidden and a.alpha_contrastive > 0 and a.use_mismatched_ids:
             positions = hidden_positions_class(cfg.alignment, shared)
             if not positions.has_unaligned_rows or a.projection_strategy == "pool_and_project":
@@ -296,7 +301,8 @@ def alignment_config(a: argparse.Namespace) -> AlignmentConfig:
     return AlignmentConfig(
         logits=a.align_logits, hiddens=a.align_hiddens, **{flag: getattr(a, flag) for flag in ARTIFACT_FLAGS},
         sum_probs=a.sum_probs, average_logits=a.average_logits, average_hiddens=a.average_hiddens,
-        reduce_map_impl=a.reduce_map_impl or "sparse", restrict_ce_to_mask=a.restrict_ce_to_mask)
+        reduce_map_impl=a.reduce_map_impl or "sparse", restrict_ce_to_mask=a.restrict_ce_to_mask,
+        uld_positions=a.uld_positions)
 
 
 def shared_vocabulary(teacher_name: str, student_name: str) -> bool:

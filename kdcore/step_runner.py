@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from custom_step import IGNORE_INDEX, kl_div_loss, lm_head_logits, mlm_loss
+from custom_step import IGNORE_INDEX, lm_head_logits, mlm_loss
 from kdcore.alignments import LogitAlignment, StudentPass
 from kdcore.errors import UserError
 
@@ -151,16 +151,16 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, Tensor], kl: LogitAlign
 
 def combine_losses(student_out: dict[str, Tensor], t_logits, kl: LogitAlignment | None,
                    alphas: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
-    """(total = sum of alpha * loss, {name: loss}) with names `loss_ce` (KL), `loss_mlm` and the hidden-state
-    terms `loss_mse`, `loss_cos`, `loss_contrastive` (computed by the runner; alphas "mse", "cos",
-    "contrastive"). t_logits: the teacher's logits [N, K] (`teacher_forward`), or an object with
+    """(total = sum of alpha * loss, {name: loss}) with names `loss_ce` (`kl.loss`: the KL, or the alignment's own
+    distance), `loss_mlm` and the hidden-state terms `loss_mse`, `loss_cos`, `loss_contrastive` (computed by the
+    runner; alphas "mse", "cos", "contrastive"). t_logits: the teacher's logits [N, K] (`teacher_forward`), or an object with
     `kl(student_scores, temperature)` (`teacher_cache.CachedTeacher`), or None without KL."""
     losses: dict[str, Tensor] = {}
     if "mlm_logits" in student_out:
         losses["loss_mlm"] = mlm_loss(student_out["mlm_logits"], student_out["mlm_labels"])
     if kl is not None:
         student = student_out["kl_student"]
-        losses["loss_ce"] = (kl_div_loss(t_logits, student, kl.temperature) if isinstance(t_logits, Tensor)
+        losses["loss_ce"] = (kl.loss(t_logits, student) if isinstance(t_logits, Tensor)
                              else t_logits.kl(student, kl.temperature))
     losses.update({name: student_out[name] for name in HIDDEN_LOSS_NAMES if name in student_out})
     weights = {"loss_mlm": alphas.get("mlm", 0.0), "loss_ce": alphas.get("ce", 0.0),

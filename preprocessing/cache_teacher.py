@@ -29,8 +29,8 @@ from kdcore.alignments import (
     ALIGNMENTS,
     AlignmentConfig,
     Vocabularies,
+    cacheable_alignments,
     required_artifacts,
-    selectable_alignments,
 )
 from kdcore.artifacts import PipelineDir, check_fingerprints, read_manifest
 from kdcore.errors import UserError
@@ -91,6 +91,9 @@ def build(params: CacheParams, log=print) -> dict:
 
     if params.temperature <= 0 or params.batch_size < 1:
         raise UserError("--temperature must be positive and --batch_size at least 1")
+    uncacheable = ALIGNMENTS[params.align_logits].uncacheable
+    if uncacheable:
+        raise UserError(f"--align_logits {params.align_logits} cannot be cached: {uncacheable}")
     pipe = PipelineDir(params.pipeline_dir)
     data_dir = pipe.path("binarized_data_folder")
     cfg = AlignmentConfig(logits=params.align_logits)
@@ -215,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pipeline_dir", required=True, help="run_pipeline.py --out_dir")
     p.add_argument("--teacher_name", required=True, help="teacher directory (BertForMaskedLM + tokenizer)")
-    p.add_argument("--align_logits", choices=selectable_alignments(), required=True,
+    p.add_argument("--align_logits", choices=cacheable_alignments(), required=True,
                    help="the alignment whose rows and columns are cached")
     p.add_argument("--out", required=True, help="cache directory")
     add_arguments(p)

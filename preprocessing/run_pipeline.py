@@ -42,7 +42,7 @@ import teacher_tokens_split
 import token_counts
 import train_reduced_tok
 from common import DEFAULT_MAX_BAD_FRAC
-from kdcore.alignments import selectable_alignments
+from kdcore.alignments import cacheable_alignments
 from kdcore.artifacts import MANIFEST, read_manifest
 from kdcore.errors import UserError, run_cli
 from kdcore.fsutil import atomic_write_json, is_stale_temp, remove_stale_temps
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_bad_frac", type=float, default=DEFAULT_MAX_BAD_FRAC,
                    help="largest tolerated share of undecodable lines per corpus file")
     g = p.add_argument_group("step 11 (optional): the teacher-output cache, in OUT/teacher_cache")
-    g.add_argument("--cache_teacher", choices=selectable_alignments(),
+    g.add_argument("--cache_teacher", choices=cacheable_alignments(),
                    help="build the cache for this alignment (see preprocessing/cache_teacher.py)")
     cache_teacher.add_arguments(g, prefix="cache_")
     p.add_argument("--force", action="store_true", help="redo every step (and accept a foreign --out_dir)")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_registry_drives_the_command_line():
     from train import build_parser
 
-    assert selectable_alignments() == ("match", "reduce", "reduce_map")
+    assert selectable_alignments() == ("match", "reduce", "reduce_map", "uld")
     assert "shared" in ALIGNMENTS and not ALIGNMENTS["shared"].selectable
     action = next(a for a in build_parser()._actions if a.dest == "align_logits")
     assert tuple(action.choices) == selectable_alignments()

@@ -55,6 +55,8 @@ def test_quick_tiny_run_covers_every_configuration(tmp_path):
     # the teacher, the student's t2s pass and the projections add matrix products
     flop = {config: by["fp32", config]["flop_per_step"] for config in bench.CONFIGS}
     assert flop["reduce"] > flop["match"] > flop["mlm"] and flop["match+mse"] > flop["match"]
+    # uld: the match rows over every teacher and student column
+    assert flop["uld"] > flop["match"] and by["fp32", "uld"]["kl"].startswith("uld (match rows, all teacher")
     assert by["fp32", "reduce_map/my_index"]["reduce_map_impl"] == "my_index"
     assert by["fp32", "reduce_map/sparse"]["reduce_map_impl"] == "sparse"
     assert "| tiny | fp32 | match |" in data["markdown"] and "run_pipeline.py" in data["markdown"]

@@ -33,6 +33,11 @@ def kd_flags(out: Path, teacher: Path, align: str) -> list[str]:
     if align == "reduce":
         return [*flags, "--align_logits", "reduce", "--t2s_mapping", str(out / "teacher2student.json"),
                 "--matching_ids", str(out / "matched_vocab.json")]
+    if align == "uld":
+        return [*flags, "--align_logits", "uld"]
+    if align == "uld_reduce":
+        return [*flags, "--align_logits", "uld", "--uld_positions", "reduce", "--t2s_mapping",
+                str(out / "teacher2student.json")]
     flags += ["--align_logits", "reduce_map", "--t2s_mapping", str(out / "teacher2student.json"),
               "--t2s_vocab_padded", str(out / "t2s_padded.npy"), "--t2s_mapped_ids", str(out / "t2s_mapped_ids.npy")]
     if align == "reduce_map_my_index":
