@@ -12,6 +12,10 @@ Logit alignment (`--align_logits`, chosen explicitly, never inferred from the fi
 - `reduce`: the student also runs on the t2s sequence (`--t2s_mapping teacher2student.json`); its piece
   logits are pooled (sum, or mean with `--average_logits`) onto every teacher position; KL over the
   matched vocabulary;
+- `--column_map mined` (match and reduce; default `exact`): instead of the matched vocabulary, every non-special
+  teacher token, mapped to the student token at minimum edit distance (`--mined_vocab mined_vocab.json`, pipeline
+  step 12); the teacher's distribution is summed per mapped student id and compared with the student's softmax
+  over those ids;
 - `reduce_map`: as reduce, KL over every mapped teacher token (`--t2s_vocab_padded t2s_padded.npy
   --t2s_mapped_ids t2s_mapped_ids.npy`), scored as the sum of its pieces' logits (or their logsumexp with
   `--sum_probs`); `--reduce_map_impl sparse` (default, exact) or `my_index` (inverse maps `--s2t_vocab_padded`,
@@ -42,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kdcore.alignments import EXACT_REDUCE_MAP_IMPLS, ULD_POSITIONS, selectable_alignments
+from kdcore.alignments import COLUMN_MAPS, EXACT_REDUCE_MAP_IMPLS, ULD_POSITIONS, selectable_alignments
 from kdcore.artifacts import check_fingerprints, load_counts, read_manifest
 from kdcore.config import NONFINITE_POLICIES, RESUME_MODES, TrainConfig
 from kdcore.errors import UserError
@@ -111,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--align_logits", choices=selectable_alignments(), default="match",
                    help="positions and columns of the KL term (see the module docstring; with one vocabulary the "
                    "alignment is always shared)")
+    g.add_argument("--column_map", choices=COLUMN_MAPS, default="exact",
+                   help="columns of match and reduce: exact (the matched vocabulary, --matching_ids) or mined (every "
+                   "teacher token, its distribution projected onto the student token at minimum edit distance, "
+                   "--mined_vocab)")
     g.add_argument("--matching_ids", help="matched_vocab.json: the columns compared by match and reduce")
+    g.add_argument("--mined_vocab", help="mined_vocab.json: the MinED column map of --column_map mined")
     g.add_argument("--t2s_mapping", help="teacher2student.json: the t2s input of reduce and reduce_map")
     g.add_argument("--t2s_vocab_padded", help="t2s_padded.npy: the teacher tokens' pieces (reduce_map)")
     g.add_argument("--t2s_mapped_ids", help="t2s_mapped_ids.npy: the teacher columns of reduce_map")
@@ -298,7 +307,7 @@ def open_teacher_cache(cfg: TrainConfig, plan, shards: list, fingerprints: dict[
     cache = TeacherCache.open(cfg.data.teacher_cache)
     kl = plan.kl
     n_columns = cache.header["alignment"]["n_columns"]
-    cache.check({"alignment": kl.name, "columns": columns_fingerprint(kl.teacher_columns, n_columns),
+    cache.check({"alignment": kl.name, "columns": columns_fingerprint(kl.columns_key(), n_columns),
                  "temperature": cfg.losses.temperature, "teacher_tokenizer": fingerprints["teacher"],
                  "teacher_weights": teacher_weights_fingerprint(cfg.data.teacher_name),
                  "shards": shards_fingerprint(cfg.data.binarized_data_folder)})

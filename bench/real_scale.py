@@ -34,7 +34,8 @@ test: teacher 2 x 64, V_T 300, student 2 x 32, V_S 150):
    (epoch 0, grouped by size) and one update is `train_step.train_step` (collate, losses under autocast,
    backward, clipping + AdamW; gradient accumulation 1). Every KL configuration trains 5 * KL (T 2) + 2 * MLM
    (train_step's weights).
-Configurations (`--configs`): `mlm` (student MLM only, no teacher), `match`, `reduce`, `reduce_map/sparse` and
+Configurations (`--configs`): `mlm` (student MLM only, no teacher), `match`, `match/mined` (match positions, the
+MinED column map: `--column_map mined`), `reduce`, `reduce_map/sparse` and
 `reduce_map/my_index` (`--reduce_map_impl`; pieces combined by logsumexp, `--sum_probs`, as the paper's
 reduce-map runs, unless `--reduce_map_mode sum`), and each hidden-state loss on top of match KL: `match+mse`
 (`--alpha_mse 0.1`), `match+cos` (`--alpha_cos 0.1`), `match+contrastive` (`--alpha_contrastive 0.1
@@ -107,6 +108,7 @@ CONTRASTIVE = [*MATCH, "--alpha_contrastive", "0.1", "--n_negative_samples", "64
 CONFIGS = {
     "mlm": [],
     "match": MATCH,
+    "match/mined": [*MATCH, "--column_map", "mined"],
     "reduce": ["--align_logits", "reduce"],
     "reduce_map/sparse": ["--align_logits", "reduce_map", "--reduce_map_impl", "sparse"],
     "reduce_map/my_index": ["--align_logits", "reduce_map", "--reduce_map_impl", "my_index"],

@@ -9,7 +9,9 @@ Two halves:
   token; `SharedPositions`: one vocabulary, both models read the student's masked ids, every real position (or
   only the MLM targets). The hidden-state losses use positions alone (`--align_hiddens`).
 - **logit alignments** (`LogitAlignment`, registry `ALIGNMENTS`, `--align_logits`): positions plus the vocabulary
-  columns compared. `match` and `reduce`: the matched vocabulary (tokens in both vocabularies); `reduce_map`:
+  columns compared. `match` and `reduce`: by `--column_map` (`COLUMN_MAPS`), `exact` the matched vocabulary (tokens
+  in both vocabularies), `mined` every non-special teacher token, mapped to the student token at minimum edit
+  distance (MinED; pipeline step 12), the teacher distribution projected onto the mapped student ids; `reduce_map`:
   reduce positions, every mapped teacher token scored from its pieces' student logits (sum, or logsumexp with
   `--sum_probs`); `shared`: every column (chosen automatically when teacher and student share the tokenizer);
   `uld`: match or reduce positions (`--uld_positions`), every teacher and every student column, compared by the
@@ -50,6 +52,7 @@ from custom_step import (
 from kdcore.artifacts import (
     ARTIFACT_FLAGS,
     load_matched_vocab,
+    load_mined_vocab,
     load_s2t,
     load_t2s_input,
     load_t2s_mapped_ids,
@@ -60,6 +63,11 @@ from kdcore.errors import UserError
 EXACT_REDUCE_MAP_IMPLS = ("sparse", "my_index")
 """`--reduce_map_impl` choices: `sparse` (exact, the default) and `my_index` (inverse-map backward; a partial-sum
 gradient when the pipeline capped the inverse map, see `ReduceMap.approximation`)."""
+
+
+COLUMN_MAPS = ("exact", "mined")
+"""`--column_map` choices of match and reduce: `exact` (the matched vocabulary, `--matching_ids`) or `mined` (the
+MinED map of every teacher token, `--mined_vocab`)."""
 
 
 class StudentPass(enum.Enum):
@@ -74,17 +82,20 @@ class AlignmentConfig:
     """The alignment options of a run (the `--align_*` flags and the artifact files they read).
 
     logits: the `--align_logits` choice (ignored with one vocabulary, which always aligns `shared`);
-    hiddens: the `--align_hiddens` choice; artifact paths: see `kdcore.artifacts.ARTIFACT_FLAGS`.
+    hiddens: the `--align_hiddens` choice; column_map: the `--column_map` choice (`COLUMN_MAPS`, match and reduce
+    only); artifact paths: see `kdcore.artifacts.ARTIFACT_FLAGS`.
     """
 
     logits: str = "match"
     hiddens: str = "match"
+    column_map: str = "exact"
     matching_ids: str | None = None
     t2s_mapping: str | None = None
     t2s_vocab_padded: str | None = None
     t2s_mapped_ids: str | None = None
     s2t_vocab_padded: str | None = None
     s2t_idxs_padded: str | None = None
+    mined_vocab: str | None = None
     sum_probs: bool = False
     average_logits: bool = False
     average_hiddens: bool = False
@@ -245,17 +256,21 @@ ULD_POSITIONS: dict[str, type[Positions]] = dict(HIDDEN_POSITIONS)
 class LogitAlignment:
     """What the KL term compares: `positions` (rows), the teacher's and the student's vocabulary columns
     (int64 [K] or None = all), `scores`, which turns the student's pooled logits over `student_columns`
-    into scores over `teacher_columns` ([N, K_S] -> [N, K_T], the identity unless a map is involved), and `loss`,
-    which compares them with the teacher's logits (the KL at `temperature` by default)."""
+    into scores over the compared columns ([N, K_S] -> [N, K], the identity unless a map is involved),
+    `teacher_scores`, which turns the teacher's logits over `teacher_columns` into logits over the compared columns
+    ([N, K_T] -> [N, K]: the identity, or with `groups` (int64 [K_T], the compared column of every teacher column,
+    a column map that merges teacher columns) the projection of the teacher distribution onto the groups), and
+    `loss`, which compares the two (the KL at `temperature` by default)."""
 
     name: ClassVar[str]
     selectable: ClassVar[bool] = True  # offered by --align_logits (shared is chosen by the tokenizers)
     uncacheable: ClassVar[str | None] = None  # why a teacher cache cannot serve this alignment (None: it can)
+    column_maps: ClassVar[tuple[str, ...]] = ("exact",)  # the --column_map choices it accepts
 
     def __init__(self, positions: Positions, temperature: float, teacher_columns: Tensor | None = None,
-                 student_columns: Tensor | None = None):
+                 student_columns: Tensor | None = None, groups: Tensor | None = None):
         self.positions, self.temperature = positions, temperature
-        self.teacher_columns, self.student_columns = teacher_columns, student_columns
+        self.teacher_columns, self.student_columns, self.groups = teacher_columns, student_columns, groups
 
     @classmethod
     def artifacts(cls, cfg: AlignmentConfig) -> tuple[str, ...]:
@@ -271,9 +286,29 @@ class LogitAlignment:
         return pooled
 
     def loss(self, teacher_logits: Tensor, student_scores: Tensor) -> Tensor:
-        """The term's 0-dim value from the teacher's logits [N, K_T] and the student's `scores` [N, K_T]:
+        """The term's 0-dim value from the teacher's logits over the compared columns [N, K] (`teacher_scores`)
+        and the student's `scores` [N, K]:
         T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)) (`custom_step.kl_div_loss`)."""
         return kl_div_loss(teacher_logits, student_scores, self.temperature)
+
+    def teacher_scores(self, logits: Tensor) -> Tensor:
+        """Teacher logits [N, K_T] over `teacher_columns` -> [N, K] logits over the compared columns."""
+        if self.groups is None:
+            return logits
+        return project_logits(logits, self.groups, self.student_columns.numel(), self.temperature)
+
+    def n_compared(self, n_teacher: int) -> int:
+        """K, the number of compared columns (the width of a teacher cache's rows); n_teacher: V_T."""
+        if self.groups is not None:
+            return self.student_columns.numel()
+        return n_teacher if self.teacher_columns is None else self.teacher_columns.numel()
+
+    def columns_key(self) -> Tensor | None:
+        """What a teacher cache fingerprints as the alignment's columns: the teacher columns (None: all), with a
+        merging column map followed by the student id of every teacher column (int64 [2 K_T])."""
+        if self.groups is None:
+            return self.teacher_columns
+        return torch.cat([self.teacher_columns, self.student_columns[self.groups]])
 
     def approximation(self) -> str | None:
         """What this alignment approximates in the run, for the log (None: it is exact)."""
@@ -282,7 +317,9 @@ class LogitAlignment:
     def describe(self) -> str:
         """One line for the log: name, rows and columns."""
         cols = "all" if self.teacher_columns is None else f"{self.teacher_columns.numel():,}"
-        return f"{self.name} ({self.positions.name} rows, {cols} teacher columns)"
+        merged = "" if self.groups is None else (f" projected onto {self.student_columns.numel():,} student columns "
+                                                 "(--column_map mined)")
+        return f"{self.name} ({self.positions.name} rows, {cols} teacher columns{merged})"
 
     def to(self, device: torch.device) -> LogitAlignment:
         """A copy whose tensors live on `device`."""
@@ -312,40 +349,69 @@ def cacheable_alignments() -> tuple[str, ...]:
     return tuple(name for name in selectable_alignments() if not ALIGNMENTS[name].uncacheable)
 
 
-def _matched_columns(cfg: AlignmentConfig, vocab: Vocabularies) -> tuple[Tensor, Tensor]:
-    t_cols, s_cols = load_matched_vocab(cfg.artifact("matching_ids"), vocab.n_teacher, vocab.n_student)
-    return torch.from_numpy(t_cols), torch.from_numpy(s_cols)
+
+def project_logits(logits: Tensor, groups: Tensor, n_groups: int, temperature: float) -> Tensor:
+    """Teacher logits z [N, K_T] -> logits y [N, n_groups] whose softmax at `temperature` T is the teacher
+    distribution summed per group: y_g = T * log(sum over the columns v of group g of exp(z_v / T)), so that
+    softmax(y / T)_g = sum_{v in g} softmax(z / T)_v. groups: int64 [K_T] in [0, n_groups). fp32 result; a group
+    whose mass underflows gets -inf (the KL counts it as 0)."""
+    scaled = logits.float() / temperature
+    top = scaled.amax(dim=1, keepdim=True)
+    sums = scaled.new_zeros(logits.shape[0], n_groups).index_add_(1, groups, (scaled - top).exp())
+    return (sums.log() + top) * temperature
+
+
+def _column_artifacts(cfg: AlignmentConfig) -> tuple[str, ...]:
+    return ("mined_vocab",) if cfg.column_map == "mined" else ("matching_ids",)
+
+
+def _columns(cfg: AlignmentConfig, vocab: Vocabularies) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(teacher columns int64 [K_T], student columns int64 [K_S], groups int64 [K_T] or None) of `cfg.column_map`:
+    exact: the matched pairs (K_T = K_S, no groups); mined: every non-special teacher id, the distinct student ids
+    they map to (sorted) and the index of each teacher column's student id among them."""
+    if cfg.column_map != "mined":
+        t_cols, s_cols = load_matched_vocab(cfg.artifact("matching_ids"), vocab.n_teacher, vocab.n_student)
+        return torch.from_numpy(t_cols), torch.from_numpy(s_cols), None
+    mapped, special = load_mined_vocab(cfg.artifact("mined_vocab"), vocab.n_teacher, vocab.n_student,
+                                       vocab.fingerprints)
+    t_cols = np.flatnonzero(~special).astype(np.int64)
+    s_cols, groups = np.unique(mapped[t_cols], return_inverse=True)
+    return torch.from_numpy(t_cols), torch.from_numpy(s_cols.astype(np.int64)), torch.from_numpy(groups.astype(np.int64))
 
 
 @register
 class Match(LogitAlignment):
-    """KL at matched positions over the matched vocabulary (the student runs once, on its own tokens)."""
+    """KL at matched positions over the matched vocabulary, or with `--column_map mined` over every teacher token
+    projected onto its MinED student token (the student runs once, on its own tokens)."""
 
     name = "match"
+    column_maps = COLUMN_MAPS
 
     @classmethod
     def artifacts(cls, cfg):
-        return ("matching_ids",)
+        return _column_artifacts(cfg)
 
     @classmethod
     def build(cls, cfg, temperature, vocab):
-        return cls(MatchPositions(), temperature, *_matched_columns(cfg, vocab))
+        return cls(MatchPositions(), temperature, *_columns(cfg, vocab))
 
 
 @register
 class Reduce(LogitAlignment):
-    """KL at every teacher position, the student's t2s pieces pooled onto it, over the matched vocabulary."""
+    """KL at every teacher position, the student's t2s pieces pooled onto it, over the matched vocabulary (or the
+    MinED projection with `--column_map mined`)."""
 
     name = "reduce"
+    column_maps = COLUMN_MAPS
 
     @classmethod
     def artifacts(cls, cfg):
-        return ("matching_ids", *ReducePositions.artifacts)
+        return (*_column_artifacts(cfg), *ReducePositions.artifacts)
 
     @classmethod
     def build(cls, cfg, temperature, vocab):
         pooling = "mean" if cfg.average_logits else "sum"
-        return cls(ReducePositions(pooling), temperature, *_matched_columns(cfg, vocab))
+        return cls(ReducePositions(pooling), temperature, *_columns(cfg, vocab))
 
 
 @register
@@ -541,16 +607,28 @@ def required_artifacts(cfg: AlignmentConfig, kl: bool, hidden: bool, shared_voca
 def check_artifact_flags(cfg: AlignmentConfig, kl: bool, hidden: bool, shared_vocab: bool) -> None:
     """A one-line error for an artifact flag that nothing in the run reads (the alignment is chosen by
     `--align_logits`, never by the files passed), and for options that only one alignment reads."""
+    chosen_cls = logit_alignment_class(cfg, shared_vocab) if kl else None
+    if cfg.column_map not in COLUMN_MAPS:
+        raise UserError(f"--column_map {cfg.column_map} is not one of {', '.join(COLUMN_MAPS)}")
+    if cfg.column_map != "exact" and (chosen_cls is None or cfg.column_map not in chosen_cls.column_maps):
+        takers = " / ".join(name for name, c in ALIGNMENTS.items() if cfg.column_map in c.column_maps)
+        what = (f"--align_logits {chosen_cls.name}{' (one vocabulary)' if shared_vocab else ''}" if chosen_cls
+                else "a run without KL")
+        raise UserError(f"--column_map {cfg.column_map} only applies to the KL of --align_logits {takers} with "
+                        f"different vocabularies, not to {what}; drop it")
     needed = required_artifacts(cfg, kl, hidden, shared_vocab)
-    chosen = logit_alignment_class(cfg, shared_vocab).name if kl else None
+    chosen = chosen_cls.name if chosen_cls else None
     for flag, reader in needed.items():
         if not getattr(cfg, flag):
             raise UserError(f"{reader} reads --{flag} ({ARTIFACT_FLAGS[flag].file}); pass it or --pipeline_dir")
     for flag in ARTIFACT_FLAGS:
         if getattr(cfg, flag) and flag not in needed:
-            readers = [name for name, cls in ALIGNMENTS.items() if flag in cls.artifacts(
-                dataclasses.replace(cfg, reduce_map_impl="my_index", uld_positions="reduce"))]
+            readers = [name for name, cls in ALIGNMENTS.items() if any(flag in cls.artifacts(
+                dataclasses.replace(cfg, reduce_map_impl="my_index", uld_positions="reduce", column_map=cm))
+                for cm in cls.column_maps)]
             what = f"--align_logits {chosen}" if chosen else "a run without KL"
+            if chosen and cfg.column_map != "exact":
+                what += f" --column_map {cfg.column_map}"
             raise UserError(f"--{flag} is not read by {what}"
                             f"{' with one vocabulary' if shared_vocab and kl else ''}; drop it "
                             f"(it is read by --align_logits {' / '.join(readers)})")

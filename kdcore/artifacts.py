@@ -44,6 +44,7 @@ ARTIFACT_FLAGS = {
     "t2s_mapped_ids": Artifact("t2s_mapped_ids.npy", 2, "teacher_tokens_split"),
     "s2t_vocab_padded": Artifact("s2t_padded.npy", 7, "student2teacher"),
     "s2t_idxs_padded": Artifact("s2t_idxs_padded.npy", 7, "student2teacher"),
+    "mined_vocab": Artifact("mined_vocab.json", 12, "mined_vocab"),
 }
 """Trainer flags for the alignment artifacts (each alignment declares which of them it reads)."""
 
@@ -154,6 +155,30 @@ def load_matched_vocab(path: str | os.PathLike, teacher_vocab_size: int,
     _check_range(pairs[:, 0], path, 0, teacher_vocab_size - 1)
     _check_range(pairs[:, 1], path, 0, student_vocab_size - 1)
     return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+def load_mined_vocab(path: str | os.PathLike, teacher_vocab_size: int, student_vocab_size: int,
+                     fingerprints: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """(student id int64 [V_T] of every teacher id, special bool [V_T]) from step 12's `mined_vocab.json` (the MinED
+    column map), checked against the vocabulary sizes and the tokenizer fingerprints."""
+    path = Path(path)
+    data = load_json(path, "mined column map")
+    try:
+        ids = np.asarray(data["student_ids"], dtype=np.int64)
+        special = np.asarray(data["special_teacher_ids"], dtype=np.int64)
+        found = dict(data["fingerprints"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"mined column map {path} lacks student_ids, special_teacher_ids or fingerprints; "
+                        f"{_fix(path)}") from err
+    check_fingerprints(found, fingerprints, path)
+    if ids.shape != (teacher_vocab_size,):
+        raise UserError(f"mined column map {path} maps {ids.size} teacher ids, the teacher vocabulary has "
+                        f"{teacher_vocab_size}; {_fix(path)}")
+    _check_range(ids, path, 0, student_vocab_size - 1)
+    _check_range(special, path, 0, teacher_vocab_size - 1)
+    flags = np.zeros(teacher_vocab_size, dtype=bool)
+    flags[special] = True
+    return ids, flags
 
 
 def load_teacher2student(path: str | os.PathLike) -> dict:

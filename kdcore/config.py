@@ -299,7 +299,7 @@ def check_hidden_args(a: argparse.Namespace) -> None:
 def alignment_config(a: argparse.Namespace) -> AlignmentConfig:
     """The `--align_*` options and artifact flags of the command line."""
     return AlignmentConfig(
-        logits=a.align_logits, hiddens=a.align_hiddens, **{flag: getattr(a, flag) for flag in ARTIFACT_FLAGS},
+        logits=a.align_logits, hiddens=a.align_hiddens, column_map=a.column_map, **{flag: getattr(a, flag) for flag in ARTIFACT_FLAGS},
         sum_probs=a.sum_probs, average_logits=a.average_logits, average_hiddens=a.average_hiddens,
         reduce_map_impl=a.reduce_map_impl or "sparse", restrict_ce_to_mask=a.restrict_ce_to_mask,
         uld_positions=a.uld_positions)

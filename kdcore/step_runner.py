@@ -130,7 +130,8 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, Tensor], kl: LogitAlign
                     reads_student_ids: bool = False) -> tuple[Tensor | None, tuple[Tensor, ...] | None]:
     """One teacher pass serving every loss of the step (no gradient).
 
-    Returns (logits [N, K'] at `kl.positions.teacher_rows(batch, labels)` over `kl.teacher_columns`, or None
+    Returns (logits [N, K'] at `kl.positions.teacher_rows(batch, labels)` over `kl.teacher_columns`, through
+    `kl.teacher_scores` (a merging column map projects them onto the compared columns), or None
     without `kl`; the hidden states, a tuple of L_T + 1 tensors [B, L, D_T] (embeddings first), requested from the
     model only with `hidden_states`, else None). The teacher reads its own tokens, or with `reads_student_ids` (one
     vocabulary) the student's masked ids [B, L], as in DistilBERT.
@@ -144,8 +145,8 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, Tensor], kl: LogitAlign
     if kl is not None:
         weight, bias = output_layer(teacher)
         rows = kl.positions.teacher_rows(batch, labels)
-        logits = lm_head_logits(head_transform(teacher)(enc.last_hidden_state[rows]), weight, bias,
-                                kl.teacher_columns)
+        logits = kl.teacher_scores(lm_head_logits(head_transform(teacher)(enc.last_hidden_state[rows]), weight,
+                                                  bias, kl.teacher_columns))
     return logits, (enc.hidden_states if hidden_states else None)
 
 

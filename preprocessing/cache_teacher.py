@@ -3,7 +3,7 @@ binarized shard and store its distribution at the rows and over the columns that
 `train.py --teacher_cache DIR` distils for many epochs without the teacher in the loop.
 
     python preprocessing/cache_teacher.py --pipeline_dir OUT --teacher_name TEACHER \\
-        --align_logits {match,reduce,reduce_map} --temperature 2 --format {exact,topk,sample} [--k 16] --out DIR \\
+        --align_logits {match,reduce,reduce_map} [--column_map exact|mined] --temperature 2 --format {exact,topk,sample} [--k 16] --out DIR \\
         [--dtype fp16] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda] [--batch_size 64] [--seed 42]
 
 Under torchrun (`torchrun --nproc_per_node N preprocessing/cache_teacher.py ...`) every process builds the shards
@@ -27,9 +27,11 @@ import _bootstrap  # noqa: F401
 from common import timed
 from kdcore.alignments import (
     ALIGNMENTS,
+    COLUMN_MAPS,
     AlignmentConfig,
     Vocabularies,
     cacheable_alignments,
+    check_artifact_flags,
     required_artifacts,
 )
 from kdcore.artifacts import PipelineDir, check_fingerprints, read_manifest
@@ -54,7 +56,8 @@ class CacheParams:
     """What to cache and how.
 
     pipeline_dir: a run_pipeline.py --out_dir (shards and the alignment's artifacts); teacher_name: the teacher
-    directory; align_logits: the alignment whose rows and columns are cached; temperature: T of the stored
+    directory; align_logits: the alignment whose rows and columns are cached; column_map: its `--column_map`
+    (match and reduce; `mined` caches the teacher distribution projected onto the mapped student ids); temperature: T of the stored
     distributions; encoding: `exact`, `topk` or `sample`; k: values kept per row (topk, sample); dtype: storage of
     probabilities (exact, topk); out: the cache directory; precision: autocast of the teacher forward; device:
     auto, cpu or cuda; batch_size: sequences per teacher forward; seed: seed of the `sample` draws."""
@@ -71,6 +74,7 @@ class CacheParams:
     device: str = "auto"
     batch_size: int = 64
     seed: int = 42
+    column_map: str = "exact"
 
 
 def _signature(header: dict) -> str:
@@ -96,9 +100,10 @@ def build(params: CacheParams, log=print) -> dict:
         raise UserError(f"--align_logits {params.align_logits} cannot be cached: {uncacheable}")
     pipe = PipelineDir(params.pipeline_dir)
     data_dir = pipe.path("binarized_data_folder")
-    cfg = AlignmentConfig(logits=params.align_logits)
-    cfg = AlignmentConfig(logits=params.align_logits, **{
+    cfg = AlignmentConfig(logits=params.align_logits, column_map=params.column_map)
+    cfg = AlignmentConfig(logits=params.align_logits, column_map=params.column_map, **{
         flag: pipe.path(flag) for flag in required_artifacts(cfg, kl=True, hidden=False, shared_vocab=False)})
+    check_artifact_flags(cfg, kl=True, hidden=False, shared_vocab=False)
     t_tok = load_tokenizer(params.teacher_name, "teacher")
     check_teacher(params.teacher_name, len(vocab_list(t_tok)))
     s_tok = load_tokenizer(pipe.path("student_name"), "student")
@@ -108,13 +113,12 @@ def build(params: CacheParams, log=print) -> dict:
     check_fingerprints((read_manifest(pipe.root) or {}).get("fingerprints", {}), fingerprints, pipe.root)
     alignment = ALIGNMENTS[params.align_logits].build(cfg, params.temperature, Vocabularies(
         index["teacher_vocab_size"], index["student_vocab_size"], fingerprints))
-    n_columns = (alignment.teacher_columns.numel() if alignment.teacher_columns is not None
-                 else index["teacher_vocab_size"])
+    n_columns = alignment.n_compared(index["teacher_vocab_size"])
     encoding = make_encoding(params.encoding, params.k, params.dtype, n_columns)
     shards = open_shards(data_dir)
     header = {"format": CACHE_FORMAT, "encoding": encoding.describe(), "temperature": params.temperature,
               "alignment": {"name": alignment.name, "n_columns": n_columns,
-                            "columns_sha256": columns_fingerprint(alignment.teacher_columns, n_columns)},
+                            "columns_sha256": columns_fingerprint(alignment.columns_key(), n_columns)},
               "fingerprints": {"teacher_tokenizer": fingerprints["teacher"],
                                "teacher_weights": teacher_weights_fingerprint(params.teacher_name),
                                "shards": shards_fingerprint(data_dir)},
@@ -220,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher_name", required=True, help="teacher directory (BertForMaskedLM + tokenizer)")
     p.add_argument("--align_logits", choices=cacheable_alignments(), required=True,
                    help="the alignment whose rows and columns are cached")
+    p.add_argument("--column_map", choices=COLUMN_MAPS, default="exact",
+                   help="the --column_map of match and reduce (mined: the MinED projection, pipeline step 12)")
     p.add_argument("--out", required=True, help="cache directory")
     add_arguments(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     params = CacheParams(pipeline_dir=a.pipeline_dir, teacher_name=a.teacher_name, align_logits=a.align_logits,
                          out=a.out, temperature=a.temperature, encoding=a.format, k=a.k, dtype=a.dtype,
-                         precision=a.precision, device=a.device, batch_size=a.batch_size, seed=a.seed)
+                         precision=a.precision, device=a.device, batch_size=a.batch_size, seed=a.seed,
+                         column_map=a.column_map)
     print(json.dumps(build(params)))
     return 0
 

@@ -5,8 +5,9 @@
 
 Order (the step numbers): 1 train_reduced_tok, 2 teacher_tokens_split, 3 encode_shards, 4 prepare_lm_seqs,
 5 regroup_binarized, 6 token_counts, 7 student2teacher (needs the teacher counts), 8 init_weights,
-9 find_matching_ids, 10 matched_vocab, and with `--cache_teacher ALIGN` 11 cache_teacher (the teacher-output cache
-in OUT/teacher_cache). `OUT/manifest.json` records every step's parameters, inputs,
+9 find_matching_ids, 10 matched_vocab, with `--cache_teacher ALIGN` 11 cache_teacher (the teacher-output cache
+in OUT/teacher_cache), and 12 mined_vocab (the MinED column map of `--column_map mined`; after step 11 so that the
+older steps keep their numbers). `OUT/manifest.json` records every step's parameters, inputs,
 statistics and a run id; a step is skipped when its signature (its parameters, the fingerprints of its
 external inputs and the run ids of the steps it reads) is unchanged and its outputs exist. `--force`
 redoes every step. An `OUT` built from another teacher tokenizer is refused without `--force`.
@@ -35,6 +36,7 @@ import encode_shards
 import find_matching_ids
 import init_weights
 import matched_vocab
+import mined_vocab
 import prepare_lm_seqs
 import regroup_binarized
 import student2teacher
@@ -160,6 +162,11 @@ STEPS = [
          ("cache_teacher", "cache_temperature", "cache_format", "cache_k", "cache_dtype", "cache_precision", "seed"),
          ("teacher_tokenizer", "teacher_model"), lambda o: [o / CACHE_DIR / "cache.json"],
          _teacher_cache, enabled=lambda a: a.cache_teacher is not None),
+    Step(12, "mined_vocab", ("train_reduced_tok",), (), ("teacher_tokenizer",), lambda o: [o / "mined_vocab.json"],
+         lambda a, o: mined_vocab.run(mined_vocab.MinedParams(
+             teacher_name=a.teacher_name, student_name=_student_dir(o), out=str(o / "mined_vocab.json"),
+             workers=a.num_workers,
+         ))),
 ]
 
 
@@ -302,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_shards", type=int, default=1, help="number of training processes")
     p.add_argument("--cut_len", type=int, default=30, help="cap of the student->teacher inverse map")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--num_workers", type=int, default=2, help="encoder threads")
+    p.add_argument("--num_workers", type=int, default=2, help="encoder threads (and the edit-distance threads of step 12)")
     p.add_argument("--char_coverage", type=float, default=0.9995, help="student alphabet coverage")
     p.add_argument("--min_frequency", type=int, default=2, help="minimum merge frequency of the student vocab")
     p.add_argument("--vocab_transform", choices=("copy", "random"), default="copy",

@@ -27,7 +27,8 @@ def test_quick_tiny_run_covers_every_configuration(tmp_path):
     pipeline = size["pipeline"]
     assert pipeline["wall_s"] > 0 and pipeline["peak_rss_mib"] > 0 and pipeline["sequences"] > 0
     assert 0 < pipeline["student_vocab"] <= size["requested"]["student_vocab"]
-    assert {"train_reduced_tok", "encode_shards", "init_weights", "matched_vocab"} <= set(pipeline["steps"])
+    assert {"train_reduced_tok", "encode_shards", "init_weights", "matched_vocab", "mined_vocab"} <= set(
+        pipeline["steps"])
     assert set(data["gemm_peak"]) == {"fp32", "bf16"}
 
     results = data["results"]
@@ -57,6 +58,7 @@ def test_quick_tiny_run_covers_every_configuration(tmp_path):
     assert flop["reduce"] > flop["match"] > flop["mlm"] and flop["match+mse"] > flop["match"]
     # uld: the match rows over every teacher and student column
     assert flop["uld"] > flop["match"] and by["fp32", "uld"]["kl"].startswith("uld (match rows, all teacher")
+    assert flop["match/mined"] > flop["match"]  # the teacher's head over every column, not the matched ones
     assert by["fp32", "reduce_map/my_index"]["reduce_map_impl"] == "my_index"
     assert by["fp32", "reduce_map/sparse"]["reduce_map_impl"] == "sparse"
     assert "| tiny | fp32 | match |" in data["markdown"] and "run_pipeline.py" in data["markdown"]

@@ -17,7 +17,7 @@ from kdcore.tokenizer_utils import canonical_order, fingerprint, load_tokenizer,
 
 EXPECTED = ["student", "student_init", "processed_binarized", "teacher2student.json", "t2s_padded.npy",
             "t2s_mapped_ids.npy", "s2t_padded.npy", "s2t_idxs_padded.npy", "teacher_counts.npy",
-            "student_counts.npy", "matched_vocab.json", "manifest.json"]
+            "student_counts.npy", "matched_vocab.json", "mined_vocab.json", "manifest.json"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_outputs_exist_and_shards_are_balanced(pipeline_out, pair):
     assert index["fingerprints"] == pair.fingerprints
     manifest = json.loads((pipeline_out / "manifest.json").read_text())
     assert manifest["fingerprints"] == pair.fingerprints
-    assert [manifest["steps"][n]["number"] for n in manifest["steps"]] == list(range(1, 11))
+    assert [manifest["steps"][n]["number"] for n in manifest["steps"]] == [*range(1, 11), 12]  # 11: --cache_teacher
     for shard in open_shards(pipeline_out / "processed_binarized"):
         for side in ("teacher", "student"):
             assert shard.lengths(side).max() <= 24
@@ -140,7 +140,7 @@ def test_rerun_skips_and_force_redoes(pipeline_out, teacher_dir, corpus, student
     lines: list[str] = []
     before = json.loads((pipeline_out / "manifest.json").read_text())
     run(build_parser().parse_args(argv), log=lines.append)
-    assert len(lines) == 10 and all("up to date" in line for line in lines)
+    assert len(lines) == 11 and all("up to date" in line for line in lines)
     lines.clear()
     run(build_parser().parse_args([*argv, "--cut_len", "5"]), log=lines.append)
     redone = [line.split()[3].rstrip(":") for line in lines if "up to date" not in line]
