@@ -53,9 +53,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 GPU_PACKAGES = ("transformers", "tokenizers", "huggingface_hub", "hf-xet", "httpx2", "httpcore2", "truststore",
-                "safetensors", "tensorboardX", "GitPython", "gitdb", "smmap", "geoopt")
+                "safetensors", "tensorboardX", "GitPython", "gitdb", "smmap", "geoopt", "rapidfuzz")
 """Installed at their pinned versions on top of a machine's own CUDA torch: what the project imports that a
-GPU image may lack (TensorBoard writer, git, geoopt) and the Hugging Face stack whose version the project's
+GPU image may lack (TensorBoard writer, git, geoopt, rapidfuzz) and the Hugging Face stack whose version the project's
 behaviour depends on. numpy, scipy, matplotlib, psutil, tqdm and scikit-learn are taken as the machine has them
 (their versions are recorded)."""
 ALIGNMENTS = ("match", "reduce", "reduce_map")
