@@ -457,13 +457,9 @@ class Distiller:
             dist.barrier()
         return final
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore everything `save_checkpoint` wrote; the run continues exactly where it stopped."""
-        path = resolve_checkpoint(path)
-        problem = manifest_problem(path)
-        if problem is not None:
-            raise UserError(f"cannot resume from checkpoint {path}: damaged or incomplete ({problem}); resume from an earlier "
-                            f"checkpoint in {path.parent}, or pass the dump_path to take the newest complete one")
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything `save_checkpoint` wrote into the checkpoint `path` (verified against its manifest by
+        `resolve_checkpoint` or `newest_checkpoint`); the run continues exactly where it stopped."""
         try:
             load_model(self.runner, str(path / "model.safetensors"), device=str(self.device))
             load_optimizer_state(self.optimizer, torch.load(path / "optimizer.pt", map_location=self.device,
@@ -532,9 +528,13 @@ def newest_checkpoint(dump: str | os.PathLike) -> tuple[Path | None, list[str]]:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or the newest complete checkpoint of a dump_path."""
+    """A checkpoint directory (verified against its manifest), or the newest complete checkpoint of a dump_path."""
     path = Path(path)
     if (path / "trainer_state.pt").is_file():
+        problem = manifest_problem(path)
+        if problem is not None:
+            raise UserError(f"cannot resume from checkpoint {path}: damaged or incomplete ({problem}); resume from an "
+                            f"earlier checkpoint in {path.parent}, or pass the dump_path to take the newest complete one")
         return path
     found, skipped = newest_checkpoint(path)
     if found is None:

@@ -10,6 +10,8 @@ failed write of the main thread the same way.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from kdcore.errors import UserError
@@ -68,26 +70,28 @@ class ScalarLog:
         self._check()
         self._writer.add_scalar(name, value, step)
 
-    def flush(self) -> None:
-        self._check()
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write of the main thread: its failure is a one-line error, after which the writers are disarmed."""
         try:
             with writing(self.logdir, "the TensorBoard log", self.FIX):
-                self._writer.flush()
+                yield
         except UserError:
             self._disarm()
             raise
+
+    def flush(self) -> None:
+        self._check()
+        with self._writing():
+            self._writer.flush()
 
     def close(self) -> None:
         """Flush and close (nothing more after a failed write)."""
         if self._failed():
             self._disarm()
             return
-        try:
-            with writing(self.logdir, "the TensorBoard log", self.FIX):
-                self._writer.close()
-        except UserError:
-            self._disarm()
-            raise
+        with self._writing():
+            self._writer.close()
 
     def __enter__(self) -> ScalarLog:
         return self
