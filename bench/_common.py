@@ -30,6 +30,20 @@ def script_environment() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def script_setup(module_name: str) -> None:
+    """The start of every benchmark script, called with its `__name__` once the repository root is on sys.path:
+    the repository's modules (root, preprocessing/) go before bench/'s own (bench/preprocessing.py would shadow
+    the package), and run as a script (or a spawned worker of one) its environment is set before torch loads
+    (`script_environment`); imported, the environment is left as it is."""
+    root = Path(__file__).resolve().parents[1]
+    for path in (str(root / "preprocessing"), str(root)):
+        while path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
+    if module_name in ("__main__", "__mp_main__"):
+        script_environment()
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform.processor() where /proc is missing)."""
     try:

@@ -80,14 +80,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # the repository's modules before bench/'s
-    if _p in sys.path:
-        sys.path.remove(_p)
-    sys.path.insert(0, _p)
-if __name__ in ("__main__", "__mp_main__"):  # as a script: set before torch loads (imported: leave them)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # torch.cuda.is_available() stays fork-safe
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench/train_step.py
+sys.path.insert(0, str(ROOT))  # `bench.` below, when run as a script
+from bench._common import script_setup  # noqa: E402  (imports no torch)
+
+script_setup(__name__)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

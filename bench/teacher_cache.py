@@ -56,15 +56,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT / "preprocessing"), str(ROOT)):  # the repository's modules before bench/'s
-    if _p in sys.path:
-        sys.path.remove(_p)
-    sys.path.insert(0, _p)
+sys.path.insert(0, str(ROOT))  # `bench.` below, when run as a script
+from bench._common import script_setup  # noqa: E402  (imports no torch)
 
-from bench._common import script_environment  # noqa: E402  (imports no torch)
-
-if __name__ in ("__main__", "__mp_main__"):  # run as a script: set before torch loads (imported: leave them)
-    script_environment()
+script_setup(__name__)
 
 from bench import train_step as ts  # noqa: E402  (imports torch)
 from bench._common import (  # noqa: E402
