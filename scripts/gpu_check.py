@@ -137,18 +137,12 @@ def _run_environment(_cfg: dict) -> dict:
 def prepare_fixtures(a: argparse.Namespace, work: Path) -> dict:
     """bench/real_scale.py's corpus slice, teacher and pipeline at `--size` (workers of their own)."""
     from bench import real_scale
-    from bench.train_step import workers
+    from bench.train_step import torch, workers
 
-    _, isolation = workers(None, "auto", _device(a.device))
+    _, isolation = workers(None, "auto", torch.device(a.device))
     bench_args = argparse.Namespace(corpus=a.corpus, lines=a.lines, teacher_lines=0, max_len=128)
     base = {"device": a.device, "threads": os.cpu_count() or 1, "seed": 0, "isolated": True}
     return real_scale.prepare_size(a.size, base, bench_args, isolation, work)
-
-
-def _device(name: str):
-    import torch
-
-    return torch.device(name)
 
 
 def _subprocess_env(a: argparse.Namespace) -> dict[str, str]:
