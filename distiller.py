@@ -200,12 +200,6 @@ class Distiller:
     def _set_lr(self) -> float:
         return self.schedule.apply(self.optimizer, self.state.global_step)
 
-    def _optimizer_step(self) -> float:
-        """Clip, step, advance the step counter and the learning rate; returns the gradient norm before clipping."""
-        norm = self._clip()
-        self._apply_update()
-        return float(norm)
-
     def _clip(self) -> torch.Tensor:
         """Unscale (fp16) and clip the accumulated gradients; their norm before clipping (0-dim tensor)."""
         return clip_gradients(self.optimizer, self.scaler, self.runner.parameters(), self.cfg.optim.max_grad_norm)

@@ -20,7 +20,7 @@ The step is the trainer's own, nothing of it is re-implemented: the arguments co
 constructor (on an in-memory stand-in for `LmSeqsDataset`), and one update runs what `Distiller.train` runs
 with gradient accumulation 1: `_batch` (the real `Collator` on a `RawBatch`, then the copy to the device),
 `_losses` (MLM masking, the teacher's and the student's passes under autocast), backward, the loss check and
-`_optimizer_step` (clipping + AdamW).
+`_clip` and `_apply_update` (clipping, AdamW, the step counter and the learning rate).
 
 Synthetic, tokenizer-free data with realistic alignment structures: a random teacher->student split table
 (special ids 0..4 map to themselves, 1% `[unused]` placeholders are unmapped, 0.5% of the tokens map to
@@ -348,7 +348,8 @@ def train_step(distiller: Distiller, pool: SequencePool | LmSeqsDataset, indices
     distiller.scaler.scale(total).backward()
     if not math.isfinite(float(total.detach())):
         raise RuntimeError("the loss is not finite")
-    distiller._optimizer_step()
+    distiller._clip()
+    distiller._apply_update()
     return int(pool.lengths("student")[indices].sum())
 
 
