@@ -29,6 +29,11 @@ Logit alignment (`--align_logits`, chosen explicitly, never inferred from the fi
   (`--uld_positions reduce`, `--t2s_mapping`), the L1 distance between the teacher's probabilities over its whole
   vocabulary and the student's over its whole vocabulary at `--temperature`, each sorted in decreasing order
   (the shorter padded with zeros), averaged over the aligned positions; logged as loss_ce. No `--teacher_cache`.
+- `dskd`: Dual-Space KD with cross-model attention (Zhang et al., 2024; `kdcore/dual_space.py`), no artifacts:
+  trainable projections and a learned attention between all real teacher and student tokens; KL in the teacher's
+  space over its whole vocabulary (loss_ce), KL in the student's space (loss_kl_student_space) and the projected
+  teacher's cross-entropy (loss_projector_ce), all weighted by `--alpha_ce`; the projections are checkpointed,
+  not exported. No `--teacher_cache`.
 An artifact flag that the chosen alignment does not read is an error.
 Without `--teacher_name` only the MLM loss is trained (the no-distillation baseline, or pretraining).
 """
@@ -419,7 +424,8 @@ def build_run(cfg: TrainConfig, dist_info) -> Run:
         if cfg.add_neg_size_constant:
             hidden_cfg = dataclasses.replace(hidden_cfg, noise_prob=1.0 / max(len(train_data) * dist_info.world_size, 1))
         hidden = build_hidden_losses(hidden_cfg, plan.hidden, teacher.config, student.config)
-    runner = StudentRunner(student, mlm=cfg.losses.alpha_mlm > 0, kl=plan.kl, hidden=hidden)
+    aligner = plan.kl.aligner(teacher, student) if plan.kl is not None else None
+    runner = StudentRunner(student, mlm=cfg.losses.alpha_mlm > 0, kl=plan.kl, hidden=hidden, aligner=aligner)
     return Run(s_tok, t_tok, plan, cache, train_data, valid_data, student, teacher, special, token_probs, collator,
                hidden, runner)
 

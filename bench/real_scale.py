@@ -40,7 +40,9 @@ MinED column map: `--column_map mined`), `reduce`, `reduce_map/sparse` and
 reduce-map runs, unless `--reduce_map_mode sum`), and each hidden-state loss on top of match KL: `match+mse`
 (`--alpha_mse 0.1`), `match+cos` (`--alpha_cos 0.1`), `match+contrastive` (`--alpha_contrastive 0.1
 --n_negative_samples 64`) and `match+hyperbolic` (the same, then `hyperbolic --c 1.0`); `uld` (Universal Logit
-Distillation at match positions: every teacher and every student column, sorted probability vectors compared by L1).
+Distillation at match positions: every teacher and every student column, sorted probability vectors compared by L1);
+`dskd` (dual-space KD: cross-model attention, KL in both output spaces over every column, the projector's
+cross-entropy; its projections are trained with the student).
 
 Measurements per configuration (train_step's helpers): the first min(--steps, 4) batches of the sampler each
 run once under `FlopCounterMode` (`train_step.count_flops`, with products that have a sparse operand counted
@@ -112,6 +114,7 @@ CONFIGS = {
     "match+contrastive": CONTRASTIVE,
     "match+hyperbolic": [*CONTRASTIVE, "hyperbolic", "--c", "1.0"],
     "uld": ["--align_logits", "uld"],
+    "dskd": ["--align_logits", "dskd"],
 }
 """configuration -> its train.py arguments (after the common ones; `mlm` runs without a teacher)."""
 MAX_BATCHES = 4
@@ -249,7 +252,8 @@ def build_step(cfg: dict, device: torch.device) -> tuple[ts.Distiller, ts.LmSeqs
              "student_vocab": len(run.s_tok), "train_sequences": len(run.train_data),
              "student_params": sum(p.numel() for p in run.student.parameters()),
              "teacher_params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
-             "hidden_params": sum(p.numel() for p in hidden.parameters() if p.requires_grad) if hidden else 0}
+             "hidden_params": sum(p.numel() for p in hidden.parameters() if p.requires_grad) if hidden else 0,
+             "aligner_params": sum(p.numel() for p in run.runner.aligner.parameters()) if run.runner.aligner else 0}
     return distiller, run.train_data, facts
 
 

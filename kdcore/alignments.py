@@ -15,7 +15,10 @@ Two halves:
   reduce positions, every mapped teacher token scored from its pieces' student logits (sum, or logsumexp with
   `--sum_probs`); `shared`: every column (chosen automatically when teacher and student share the tokenizer);
   `uld`: match or reduce positions (`--uld_positions`), every teacher and every student column, compared by the
-  Universal Logit Distillation loss (sorted probability vectors, no vocabulary map) instead of the KL.
+  Universal Logit Distillation loss (sorted probability vectors, no vocabulary map) instead of the KL; `dskd`:
+  dual-space KD, a learned cross-model attention instead of a position map, each model's distribution compared in
+  the other's output space (`kdcore/dual_space.py`; its projections are the alignment's `aligner`, a trainable
+  module of the run).
 
 Each class declares the artifact flags it reads (`artifacts`), so a run fills exactly those from a pipeline
 directory and refuses the others; the teacher rows and columns it reads (`Positions.teacher_rows`,
@@ -58,6 +61,8 @@ from kdcore.artifacts import (
     load_t2s_mapped_ids,
     load_t2s_padded,
 )
+from kdcore.dual_space import EXTRA_TERMS as DUAL_SPACE_TERMS
+from kdcore.dual_space import build_dual_space
 from kdcore.errors import UserError
 
 EXACT_REDUCE_MAP_IMPLS = ("sparse", "my_index")
@@ -266,6 +271,8 @@ class LogitAlignment:
     selectable: ClassVar[bool] = True  # offered by --align_logits (shared is chosen by the tokenizers)
     uncacheable: ClassVar[str | None] = None  # why a teacher cache cannot serve this alignment (None: it can)
     column_maps: ClassVar[tuple[str, ...]] = ("exact",)  # the --column_map choices it accepts
+    needs_teacher_states: ClassVar[bool] = False  # its aligner reads the teacher's last hidden states
+    extra_terms: ClassVar[tuple[str, ...]] = ()  # loss names its aligner adds besides loss_ce (weighted by alpha_ce)
 
     def __init__(self, positions: Positions, temperature: float, teacher_columns: Tensor | None = None,
                  student_columns: Tensor | None = None, groups: Tensor | None = None):
@@ -284,6 +291,11 @@ class LogitAlignment:
 
     def scores(self, pooled: Tensor) -> Tensor:
         return pooled
+
+    def aligner(self, teacher: torch.nn.Module, student: torch.nn.Module) -> torch.nn.Module | None:
+        """The alignment's trainable part (trained, synchronised and checkpointed with the student, never exported),
+        which then computes the student's outputs itself (`step_runner.StudentRunner`); None: it has none."""
+        return None
 
     def loss(self, teacher_logits: Tensor, student_scores: Tensor) -> Tensor:
         """The term's 0-dim value from the teacher's logits over the compared columns [N, K] (`teacher_scores`)
@@ -527,6 +539,49 @@ class Uld(LogitAlignment):
     def describe(self):
         return (f"{self.name} ({self.positions.name} rows, all teacher and all student columns, L1 between sorted "
                 "probability vectors)")
+
+
+class DualSpacePositions(Positions):
+    """DSKD: every real teacher position (the teacher-space KL's rows) and the student's own pass; the pairing of
+    student and teacher tokens is learned (`dual_space.DualSpace`), not read from the shards."""
+
+    name = "dual_space"
+    student_pass = StudentPass.OWN
+
+    def teacher_rows(self, batch, labels=None):
+        return batch["t_mask"]
+
+
+@register
+class Dskd(LogitAlignment):
+    """Dual-Space KD with cross-model attention (Zhang et al., 2024; `kdcore/dual_space.py`): trainable projections
+    and a cross-model attention align the two token sequences; the student is compared with the teacher in the
+    teacher's space (KL over the whole teacher vocabulary at every real teacher position: `loss_ce`) and in its own
+    space (`loss_kl_student_space`), and the projected teacher is trained to predict the text
+    (`loss_projector_ce`). No artifacts."""
+
+    name = "dskd"
+    uncacheable = ("it reads the teacher's last hidden states at every position and learns how to align them, which "
+                   "no cache encoding stores; drop --teacher_cache (the teacher runs online)")
+    needs_teacher_states = True
+
+    @classmethod
+    def artifacts(cls, cfg):
+        return ()
+
+    @classmethod
+    def build(cls, cfg, temperature, vocab):
+        return cls(DualSpacePositions(), temperature)
+
+    extra_terms = DUAL_SPACE_TERMS
+
+    def aligner(self, teacher, student):
+        return build_dual_space(teacher, student)
+
+    def describe(self):
+        return (f"{self.name} (dual-space KD: cross-model attention between all real teacher and student positions, "
+                "KL in the teacher's space over all teacher columns and in the student's space over all student "
+                "columns, projector cross-entropy)")
 
 
 def dropped_pair_share(t2s_padded: np.ndarray, mapped: np.ndarray, s2t_padded: np.ndarray, n_teacher: int,

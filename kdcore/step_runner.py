@@ -24,12 +24,23 @@ def base_model(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
-def head_transform(model: nn.Module):
-    """The MLM head's hidden->hidden transform (dense, activation, LayerNorm) of a BERT or DistilBERT."""
+def _module_call(module: nn.Module, frozen: bool):
+    """`module` itself, or with `frozen` a function calling it on detached parameters (no gradient reaches them;
+    the gradient still flows into the input)."""
+    if not frozen:
+        return module
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return lambda h: torch.func.functional_call(module, params, (h,))
+
+
+def head_transform(model: nn.Module, frozen: bool = False):
+    """The MLM head's hidden->hidden transform (dense, activation, LayerNorm) of a BERT or DistilBERT (with
+    `frozen`: on detached parameters)."""
     if hasattr(model, "vocab_transform"):
-        return lambda h: model.vocab_layer_norm(model.activation(model.vocab_transform(h)))
+        dense, norm = _module_call(model.vocab_transform, frozen), _module_call(model.vocab_layer_norm, frozen)
+        return lambda h: norm(model.activation(dense(h)))
     if hasattr(model, "cls") and hasattr(model.cls, "predictions"):
-        return model.cls.predictions.transform
+        return _module_call(model.cls.predictions.transform, frozen)
     raise UserError(f"{type(model).__name__} has no BERT/DistilBERT MLM head; use a BertForMaskedLM or "
                     "DistilBertForMaskedLM")
 
@@ -40,6 +51,15 @@ def output_layer(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return decoder.weight, decoder.bias
 
 
+def head_logits(model: nn.Module, hidden: Tensor, columns: Tensor | None = None, frozen: bool = False) -> Tensor:
+    """The MLM head of `model` on last hidden states [M, D] -> logits [M, K] over `columns` (int64 [K], None: all
+    V). frozen: the head's parameters get no gradient (the input still does)."""
+    weight, bias = output_layer(model)
+    if frozen:
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    return lm_head_logits(head_transform(model, frozen)(hidden), weight, bias, columns)
+
+
 class StudentRunner(nn.Module):
     """Every student pass of a step, returning only what the losses read.
 
@@ -48,30 +68,39 @@ class StudentRunner(nn.Module):
     - `kl_student` [N, K]: the student's scores aligned with the teacher rows of `kl.positions.teacher_rows`
       over `kl.teacher_columns` (when a KL alignment is given);
     - `loss_mse`, `loss_cos`, `loss_contrastive`: the hidden-state terms of `hidden`
-      (`hidden_projection.HiddenLosses`, when given; it needs the teacher's hidden states `teacher_states`).
+      (`hidden_projection.HiddenLosses`, when given; it needs the teacher's hidden states `teacher_states`);
+    - with an `aligner` (the trainable part of an alignment, `LogitAlignment.aligner`; e.g.
+      `dual_space.DualSpace`): `kl_student` and the alignment's `extra_terms` come from it, given the last
+      hidden states of the KL's pass and the teacher's last hidden states (`teacher_states[-1]`).
     A pass runs only when something reads it: the student's own (masked) tokens for the MLM loss and for
     alignments whose `student_pass` is OWN, the t2s sequence for those whose pass is T2S; hidden states are
     requested only from the pass the hidden-state positions read.
-    `hidden` is a submodule, so its projections, layer weights and hyperbolic layers are optimised, synced by
-    DDP and checkpointed with the student.
+    `hidden` and `aligner` are submodules, so their projections, layer weights and hyperbolic layers are
+    optimised, synced by DDP and checkpointed with the student (and left out of the exported student).
     """
 
-    def __init__(self, student: nn.Module, mlm: bool, kl: LogitAlignment | None, hidden: nn.Module | None = None):
+    def __init__(self, student: nn.Module, mlm: bool, kl: LogitAlignment | None, hidden: nn.Module | None = None,
+                 aligner: nn.Module | None = None):
         super().__init__()
         self.student = student
         self.mlm = mlm
         self.kl = kl
         self.hidden = hidden
-        self.transform = head_transform(student)
+        self.aligner = aligner
 
     def _logits(self, hidden: Tensor, columns: Tensor | None) -> Tensor:
-        weight, bias = output_layer(self.student)
-        return lm_head_logits(self.transform(hidden), weight, bias, columns)
+        return head_logits(self.student, hidden, columns)
 
-    def _kl_scores(self, last_hidden: Tensor, batch: dict[str, Tensor], labels: Tensor) -> Tensor:
+    def _kl_outputs(self, last_hidden: Tensor, batch: dict[str, Tensor], labels: Tensor,
+                    teacher_states: tuple[Tensor, ...] | None) -> dict[str, Tensor]:
+        """`kl_student` (and an aligner's extra terms) from the last hidden states [B, L, D_S] of the KL's pass."""
         kl = self.kl
+        if self.aligner is not None:
+            if teacher_states is None:
+                raise ValueError(f"the {kl.name} alignment reads the teacher's hidden states")
+            return self.aligner(self.student, last_hidden, teacher_states[-1], batch, kl.temperature)
         rows = kl.positions.select(last_hidden, batch, labels)
-        return kl.scores(kl.positions.pool(self._logits(rows, kl.student_columns), batch))
+        return {"kl_student": kl.scores(kl.positions.pool(self._logits(rows, kl.student_columns), batch))}
 
     def forward(self, batch: dict[str, Tensor], masked_ids: Tensor, labels: Tensor,
                 teacher_states: tuple[Tensor, ...] | None = None) -> dict[str, Tensor]:
@@ -93,14 +122,14 @@ class StudentRunner(nn.Module):
                 out["mlm_logits"] = self._logits(enc.last_hidden_state[targets], None)
                 out["mlm_labels"] = labels[targets]
             if kl_pass is StudentPass.OWN:
-                out["kl_student"] = self._kl_scores(enc.last_hidden_state, batch, labels)
+                out.update(self._kl_outputs(enc.last_hidden_state, batch, labels, teacher_states))
         if StudentPass.T2S in (kl_pass, hidden_pass):
             t2s_states = hidden_pass is StudentPass.T2S
             enc = encoder(input_ids=batch["t2s_ids"], attention_mask=batch["t2s_mask"], output_hidden_states=t2s_states)
             if t2s_states:
                 states = enc.hidden_states
             if kl_pass is StudentPass.T2S:
-                out["kl_student"] = self._kl_scores(enc.last_hidden_state, batch, labels)
+                out.update(self._kl_outputs(enc.last_hidden_state, batch, labels, teacher_states))
         if hid is not None:
             out.update(hid(batch, teacher_states, states))
         return out
@@ -143,17 +172,15 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, Tensor], kl: LogitAlign
     enc = base_model(teacher)(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_states)
     logits = None
     if kl is not None:
-        weight, bias = output_layer(teacher)
         rows = kl.positions.teacher_rows(batch, labels)
-        logits = kl.teacher_scores(lm_head_logits(head_transform(teacher)(enc.last_hidden_state[rows]), weight,
-                                                  bias, kl.teacher_columns))
+        logits = kl.teacher_scores(head_logits(teacher, enc.last_hidden_state[rows], kl.teacher_columns))
     return logits, (enc.hidden_states if hidden_states else None)
 
 
 def combine_losses(student_out: dict[str, Tensor], t_logits, kl: LogitAlignment | None,
                    alphas: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """(total = sum of alpha * loss, {name: loss}) with names `loss_ce` (`kl.loss`: the KL, or the alignment's own
-    distance), `loss_mlm` and the hidden-state terms `loss_mse`, `loss_cos`, `loss_contrastive` (computed by the
+    distance) and the alignment's `extra_terms` (alpha "ce" too), `loss_mlm` and the hidden-state terms `loss_mse`, `loss_cos`, `loss_contrastive` (computed by the
     runner; alphas "mse", "cos", "contrastive"). t_logits: the teacher's logits [N, K] (`teacher_forward`), or an object with
     `kl(student_scores, temperature)` (`teacher_cache.CachedTeacher`), or None without KL."""
     losses: dict[str, Tensor] = {}
@@ -163,8 +190,10 @@ def combine_losses(student_out: dict[str, Tensor], t_logits, kl: LogitAlignment 
         student = student_out["kl_student"]
         losses["loss_ce"] = (kl.loss(t_logits, student) if isinstance(t_logits, Tensor)
                              else t_logits.kl(student, kl.temperature))
+        losses.update({name: student_out[name] for name in kl.extra_terms})
     losses.update({name: student_out[name] for name in HIDDEN_LOSS_NAMES if name in student_out})
     weights = {"loss_mlm": alphas.get("mlm", 0.0), "loss_ce": alphas.get("ce", 0.0),
+               **{name: alphas.get("ce", 0.0) for name in (kl.extra_terms if kl is not None else ())},
                **{name: alphas.get(name[len("loss_"):], 0.0) for name in HIDDEN_LOSS_NAMES}}
     total = sum(weights[name] * value for name, value in losses.items())
     return total, losses

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_registry_drives_the_command_line():
     from train import build_parser
 
-    assert selectable_alignments() == ("match", "reduce", "reduce_map", "uld")
+    assert selectable_alignments() == ("match", "reduce", "reduce_map", "uld", "dskd")
     assert "shared" in ALIGNMENTS and not ALIGNMENTS["shared"].selectable
     action = next(a for a in build_parser()._actions if a.dest == "align_logits")
     assert tuple(action.choices) == selectable_alignments()
@@ -41,7 +41,7 @@ def test_registry_drives_the_command_line():
 
 def test_mode_names_are_compared_only_in_the_alignment_module():
     """No product code outside kdcore/alignments.py branches on an alignment's name."""
-    pattern = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](match|reduce|reduce_map|shared)["']""")
+    pattern = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](match|reduce|reduce_map|shared|uld|dskd)["']""")
     offenders = []
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)

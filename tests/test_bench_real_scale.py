@@ -50,6 +50,7 @@ def test_quick_tiny_run_covers_every_configuration(tmp_path):
         assert r["student_vocab"] == pipeline["student_vocab"]
         assert (r["teacher_params"] > 0) == (r["config"] != "mlm")
         assert (r["hidden_params"] > 0) == (r["config"].startswith("match+"))
+        assert (r["aligner_params"] > 0) == (r["config"] == "dskd")
     by = {(r["precision"], r["config"]): r for r in results}
     # every configuration trains on the same batches of the trainer's sampler
     assert len({r["student_tokens_per_step"] for r in results}) == 1
@@ -58,6 +59,8 @@ def test_quick_tiny_run_covers_every_configuration(tmp_path):
     assert flop["reduce"] > flop["match"] > flop["mlm"] and flop["match+mse"] > flop["match"]
     # uld: the match rows over every teacher and student column
     assert flop["uld"] > flop["match"] and by["fp32", "uld"]["kl"].startswith("uld (match rows, all teacher")
+    # dskd: the teacher head over every teacher column at every teacher row, plus the student's at every student row
+    assert flop["dskd"] > flop["uld"] and by["fp32", "dskd"]["kl"].startswith("dskd (dual-space KD")
     assert flop["match/mined"] > flop["match"]  # the teacher's head over every column, not the matched ones
     assert by["fp32", "reduce_map/my_index"]["reduce_map_impl"] == "my_index"
     assert by["fp32", "reduce_map/sparse"]["reduce_map_impl"] == "sparse"

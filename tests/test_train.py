@@ -33,8 +33,8 @@ def kd_flags(out: Path, teacher: Path, align: str) -> list[str]:
     if align == "reduce":
         return [*flags, "--align_logits", "reduce", "--t2s_mapping", str(out / "teacher2student.json"),
                 "--matching_ids", str(out / "matched_vocab.json")]
-    if align == "uld":
-        return [*flags, "--align_logits", "uld"]
+    if align in ("uld", "dskd"):
+        return [*flags, "--align_logits", align]
     if align == "uld_reduce":
         return [*flags, "--align_logits", "uld", "--uld_positions", "reduce", "--t2s_mapping",
                 str(out / "teacher2student.json")]

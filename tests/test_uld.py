@@ -4,20 +4,20 @@ row chunking, and `train.py --align_logits uld` end to end (both --uld_positions
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
+from alignment_checks import (
+    check_cache_teacher_refuses,
+    check_one_line_error,
+    check_resume_is_exact,
+    check_torchrun_agrees,
+)
 from custom_step import uld_loss
-from test_train import final_weights, kd_flags, run_train, train_argv
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_train import kd_flags, run_train
 
 
 def sorted_padded(logits: np.ndarray, temperature: float, width: int) -> np.ndarray:
@@ -125,29 +125,11 @@ def test_train_py_trains_uld_and_exports_a_plain_student(tmp_path, pipeline_out,
 
 
 def test_torchrun_two_cpu_processes_agree(tmp_path, pipeline_out, teacher_dir):
-    dump = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RVKD_NO_TQDM": "1", "CUDA_VISIBLE_DEVICES": ""}
-    argv = train_argv(pipeline_out, dump, "--max_steps", "2", *kd_flags(pipeline_out, teacher_dir, "uld_reduce"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train.py"), *argv], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((dump / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 2
-    checksums = summary["rank_param_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    check_torchrun_agrees(pipeline_out, tmp_path / "ddp", kd_flags(pipeline_out, teacher_dir, "uld_reduce"))
 
 
 def test_resume_equals_uninterrupted(tmp_path, pipeline_out, teacher_dir):
-    flags = [*kd_flags(pipeline_out, teacher_dir, "uld"), "--checkpoint_interval", "2", "--valid_prop", "0"]
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert run_train(train_argv(pipeline_out, full, "--max_steps", "3", *flags)) == 0
-    assert run_train(train_argv(pipeline_out, part, "--max_steps", "2", *flags)) == 0
-    assert run_train(train_argv(pipeline_out, part, "--max_steps", "3", "--load_from_checkpoint",
-                                str(part / "checkpoints" / "2"), *flags)) == 0
-    a, b = final_weights(full), final_weights(part)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    check_resume_is_exact(pipeline_out, tmp_path, kd_flags(pipeline_out, teacher_dir, "uld"))
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
@@ -161,22 +143,8 @@ def test_resume_equals_uninterrupted(tmp_path, pipeline_out, teacher_dir):
      "--teacher_cache cannot serve --align_logits uld"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, pipeline_out, teacher_dir, capsys, extra, needle):
-    dump = tmp_path / "dump"
-    argv = train_argv(pipeline_out, dump, "--max_steps", "1", "--teacher_name", str(teacher_dir), "--alpha_ce", "1",
-                      *[x.format(out=pipeline_out) for x in extra])
-    assert run_train(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert needle in err and "\n" not in err, err
-    assert not dump.exists()
+    check_one_line_error(pipeline_out, tmp_path / "dump", teacher_dir, extra, needle, capsys)
 
 
 def test_cache_teacher_refuses_uld(capsys):
-    import cache_teacher
-    from kdcore.errors import UserError
-
-    with pytest.raises(SystemExit):
-        cache_teacher.build_parser().parse_args(["--pipeline_dir", "p", "--teacher_name", "t", "--align_logits",
-                                                 "uld", "--out", "o"])
-    assert "invalid choice: 'uld'" in capsys.readouterr().err
-    with pytest.raises(UserError, match="uld cannot be cached"):
-        cache_teacher.build(cache_teacher.CacheParams("p", "t", "uld", "o"))
+    check_cache_teacher_refuses("uld", capsys)
