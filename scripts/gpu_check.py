@@ -3,7 +3,8 @@ which installs what the interpreter lacks):
 
     scripts/gpu_check.sh [--wheelhouse DIR] [--out bench/results/gpu_check.json] [--device cuda|cpu]
         [--size real|tiny] [--corpus FILE] [--lines N] [--steps 30] [--batch_size 16] [--jobs N]
-        [--alignments match,reduce,reduce_map] [--precisions bf16,fp16] [--bench_configs ...] [--work_dir DIR]
+        [--alignments match,reduce,reduce_map,uld,dskd] [--precisions bf16,fp16] [--bench_configs ...]
+        [--work_dir DIR]
 
 Stages, each recorded in one JSON (`--out`) whatever the others do:
 1. `environment`: Python, torch, CUDA, the device, native bf16, nccl, and the version of every package pinned in
@@ -11,9 +12,10 @@ Stages, each recorded in one JSON (`--out`) whatever the others do:
 2. `fixtures`: bench/real_scale.py's set-up at `--size` (real: a 120K WordPiece teacher vocabulary trained on the
    corpus, a random BERT 12 x 768 teacher, `run_pipeline.py` with the paper's student, DistilBERT 3 x 264 and a
    30K vocabulary);
-3. `teacher_cache`: `preprocessing/cache_teacher.py` on the device in bf16 (sample, K 16) for every alignment;
+3. `teacher_cache`: `preprocessing/cache_teacher.py` on the device in bf16 (sample, K 16) for every alignment
+   that a cache can serve (match, reduce, reduce_map);
 4. `training`: for every alignment and precision (fp16 trains with GradScaler), online (the teacher in the
-   loop) and from the alignment's teacher cache: a 1-process `torchrun` of train.py (a torchrun launch joins a
+   loop) and, where the alignment has one, from its teacher cache: a 1-process `torchrun` of train.py (a torchrun launch joins a
    process group even with one process: nccl on CUDA, gloo on CPU, DDP around the student) for `--steps`
    updates; pass = exit 0, the summary's update count, finite losses in the log; recorded: wall time, the
    log's last student tokens/s and memory;
@@ -58,7 +60,7 @@ GPU_PACKAGES = ("transformers", "tokenizers", "huggingface_hub", "hf-xet", "http
 GPU image may lack (TensorBoard writer, git, geoopt, rapidfuzz) and the Hugging Face stack whose version the project's
 behaviour depends on. numpy, scipy, matplotlib, psutil, tqdm and scikit-learn are taken as the machine has them
 (their versions are recorded)."""
-ALIGNMENTS = ("match", "reduce", "reduce_map")
+ALIGNMENTS = ("match", "reduce", "reduce_map", "uld", "dskd")
 PRECISIONS = ("bf16", "fp16")
 ALIGNMENT_FLAGS = {"reduce_map": ["--sum_probs"]}
 """train.py flags per alignment beyond --pipeline_dir's (reduce_map combines pieces by logsumexp, as the paper)."""
@@ -407,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="training runs at a time (default: 4 on cuda, 2 on cpu)")
     p.add_argument("--alignments", default=",".join(ALIGNMENTS), help="comma-separated, from " + ",".join(ALIGNMENTS))
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated, from " + ",".join(PRECISIONS))
-    p.add_argument("--bench_configs", default="mlm,match,reduce,reduce_map/sparse,reduce_map/my_index,match+mse,"
-                   "match+contrastive,match+hyperbolic", help="bench/real_scale.py --configs")
+    p.add_argument("--bench_configs", default="mlm,match,match/mined,reduce,reduce_map/sparse,reduce_map/my_index,"
+                   "match+mse,match+contrastive,match+hyperbolic,uld,dskd", help="bench/real_scale.py --configs")
     p.add_argument("--work_dir", help="fixtures, caches, runs and logs (default: a temporary directory)")
     return p
 
@@ -447,15 +449,18 @@ def run_checks(a: argparse.Namespace, work: Path) -> dict:
           flush=True)
     if "error" in fixtures:
         return report
+    from kdcore.alignments import cacheable_alignments
+
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        caches = list(pool.map(lambda al: build_cache(a, work, al, env), a.alignments))
+        cacheable = [al for al in a.alignments if al in cacheable_alignments()]
+        caches = list(pool.map(lambda al: build_cache(a, work, al, env), cacheable))
         report["teacher_cache"] = caches
         report["stages"]["teacher_cache"] = all(c["ok"] for c in caches)
         print(f"teacher caches: {[c['ok'] for c in caches]} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
               flush=True)
         cache_dir = {c["alignment"]: Path(c["dir"]) if c["ok"] else None for c in caches}
         jobs = [(al, p, cache) for al in a.alignments for p in a.precisions
-                for cache in ([None, cache_dir[al]] if cache_dir[al] else [None])]
+                for cache in ([None, cache_dir[al]] if cache_dir.get(al) else [None])]
         training = list(pool.map(lambda job: train_run(a, work, *job, env), jobs))
     missing = [al for al, c in cache_dir.items() if c is None]
     report["training"] = training

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA path on one GPU in under 10 minutes: every alignment in bf16 and fp16 (GradScaler), online and from a
-# teacher cache, under a 1-process torchrun with nccl; a kill-and-resume check; bench/real_scale.py on the GPU.
+# The CUDA path on one GPU in under 10 minutes: every alignment in bf16 and fp16 (GradScaler), online and (where
+# one can serve it) from a teacher cache, under a 1-process torchrun with nccl; a kill-and-resume check; bench/real_scale.py on the GPU.
 # One JSON (default bench/results/gpu_check.json); scripts/gpu_check.py lists the stages and its arguments.
 #
 #   scripts/gpu_check.sh [--wheelhouse DIR] [gpu_check.py arguments]

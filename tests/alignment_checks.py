@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def check_torchrun_agrees(pipeline_out: Path, dump: Path, flags: list[str]) -> None:
-    """2 CPU processes under torchrun train 2 updates and end with the same weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RVKD_NO_TQDM": "1", "CUDA_VISIBLE_DEVICES": ""}
+    """2 CPU processes launched by ./train_multi_gpu.sh (torchrun, gloo) train 2 updates and end with the same
+    weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RVKD_NO_TQDM": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHON": sys.executable, "N_GPU_NODE": "2"}
     argv = train_argv(pipeline_out, dump, "--max_steps", "2", *flags)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train.py"), *argv], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(ROOT / "train_multi_gpu.sh"), *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((dump / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 2
