@@ -123,7 +123,7 @@ class Distiller:
         self.cache_encoding = collator.cache_encoding  # teacher-cache rows come with the batches (None: online)
         self.scaler = grad_scaler(self.device, opt.precision)
         self.optimizer = build_optimizer(self.runner.named_parameters(), opt.learning_rate, opt.weight_decay,
-                                         opt.adam_epsilon, opt.betas)
+                                         opt.adam_epsilon, opt.betas, lr_scales={"aligner.": opt.aligner_lr_scale})
         self.sampler = self._sampler(train_data, shuffle_seed=cfg.loop.seed)
         self.steps_per_epoch = len(self.sampler) // opt.gradient_accumulation_steps
         if self.steps_per_epoch == 0:

@@ -33,7 +33,7 @@ Logit alignment (`--align_logits`, chosen explicitly, never inferred from the fi
   trainable projections and a learned attention between all real teacher and student tokens; KL in the teacher's
   space over its whole vocabulary (loss_ce), KL in the student's space (loss_kl_student_space) and the projected
   teacher's cross-entropy (loss_projector_ce), all weighted by `--alpha_ce`; the projections are checkpointed,
-  not exported. No `--teacher_cache`.
+  not exported, and learn at `--aligner_lr_scale` times the learning rate. No `--teacher_cache`.
 An artifact flag that the chosen alignment does not read is an error.
 Without `--teacher_name` only the MLM loss is trained (the no-distillation baseline, or pretraining).
 """
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     g.add_argument("--teacher_precision", choices=("fp32", "bf16", "fp16"),
                    help="autocast precision of the frozen teacher's forward (default: --precision)")
+    g.add_argument("--aligner_lr_scale", type=float, default=1.0,
+                   help="learning-rate multiplier of the alignment's trainable part (--align_logits dskd: its "
+                   "projections and query map, which start from random weights), through warm-up and plateaus")
     add_hidden_arguments(p)
     return p
 

@@ -297,6 +297,11 @@ class LogitAlignment:
         which then computes the student's outputs itself (`step_runner.StudentRunner`); None: it has none."""
         return None
 
+    @classmethod
+    def has_aligner(cls) -> bool:
+        """Whether the alignment has a trainable part (it overrides `aligner`)."""
+        return cls.aligner is not LogitAlignment.aligner
+
     def loss(self, teacher_logits: Tensor, student_scores: Tensor) -> Tensor:
         """The term's 0-dim value from the teacher's logits over the compared columns [N, K] (`teacher_scores`)
         and the student's `scores` [N, K]:

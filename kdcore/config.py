@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdcore.alignments import (
+    ALIGNMENTS,
     AlignmentConfig,
     AlignmentPlan,
     Vocabularies,
@@ -115,6 +116,7 @@ class OptimConfig:
     gradient_accumulation_steps: int = 50
     precision: str = "fp32"
     teacher_precision: str | None = None  # the frozen teacher's autocast (None: as `precision`)
+    aligner_lr_scale: float = 1.0  # learning-rate multiplier of the alignment's trainable part (dskd's projections)
 
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -183,7 +185,7 @@ class TrainConfig:
             alignment=alignment_config(a),
             optim=OptimConfig(a.learning_rate, a.weight_decay, a.adam_epsilon, (0.9, 0.98), a.max_grad_norm,
                               a.warmup_prop, a.reduce_factor, a.gradient_accumulation_steps, a.precision,
-                              a.teacher_precision),
+                              a.teacher_precision, a.aligner_lr_scale),
             loop=LoopConfig(a.n_epoch, a.max_steps, a.valid_epochs_patience, a.seed, a.device, a.dist_timeout_s,
                             a.on_nonfinite, a.max_nonfinite_skips),
             hidden=hidden_config(a, None) if losses.hidden else None,
@@ -209,6 +211,11 @@ class TrainConfig:
         if cfg.data.teacher_cache and shared:
             raise UserError("--teacher_cache needs different vocabularies: with one vocabulary the teacher reads the "
                             "student's masked ids, which change every step")
+        if cfg.optim.aligner_lr_scale != 1.0 and not (cfg.losses.kl and logit_alignment_class(
+                cfg.alignment, shared).has_aligner()):
+            takers = " / ".join(name for name, c in ALIGNMENTS.items() if c.has_aligner())
+            raise UserError(f"--aligner_lr_scale only applies to alignments with trainable parts (--align_logits "
+                            f"{takers}, with --alpha_ce > 0); drop it")
         if cfg.data.teacher_cache and cfg.losses.kl:
             kl_class = logit_alignment_class(cfg.alignment, shared)
             if kl_class.uncacheable:
@@ -247,6 +254,8 @@ class TrainConfig:
             raise UserError("--word_mask + --word_keep + --word_rand must sum to 1")
         if not 0 < m.mask_prop < 1:
             raise UserError(f"--mlm_mask_prop {m.mask_prop} must be in (0, 1)")
+        if not self.optim.aligner_lr_scale > 0:
+            raise UserError(f"--aligner_lr_scale {self.optim.aligner_lr_scale} must be positive")
         if not 0 <= self.data.valid_prop < 1:
             raise UserError(f"--valid_prop {self.data.valid_prop} must be in [0, 1)")
         for flag, value in (("batch_size", self.data.batch_size), ("n_epoch", self.loop.n_epoch),

@@ -45,15 +45,20 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
 
 
 def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, eps: float,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+                    betas: tuple[float, float] = (0.9, 0.999),
+                    lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (fused where `utils.adamw` can): weight decay on matrices, none on
-    biases, norms and scalars (parameters with fewer than 2 dimensions)."""
-    decay, no_decay = [], []
-    for _, param in named_parameters:
+    biases, norms and scalars (parameters with fewer than 2 dimensions). lr_scales: {parameter-name prefix:
+    learning-rate multiplier} (the first matching prefix; others 1); each group records its `lr_scale`, which
+    `LrSchedule.apply` keeps."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in named_parameters:
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return adamw([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
+            scale = next((v for prefix, v in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+            groups.setdefault((scale, param.ndim >= 2), []).append(param)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != 1.0, item[0][0], not item[0][1]))
+    return adamw([{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale,
+                   "lr_scale": scale} for (scale, decay), params in ordered], lr=lr, betas=betas, eps=eps)
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: Iterable[nn.Parameter],
@@ -158,10 +163,11 @@ class LrSchedule:
         return self.plateau.step(value)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set the learning rate of update `step` in every parameter group; returns it."""
+        """Set the learning rate of update `step` in every parameter group (times the group's `lr_scale`, see
+        `build_optimizer`); returns it."""
         lr = self.lr(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
 

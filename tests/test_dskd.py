@@ -152,7 +152,8 @@ def test_train_py_trains_dskd_checkpoints_projections_and_exports_a_plain_studen
     dump = tmp_path / "dump"
     argv = ["--pipeline_dir", str(pipeline_out), "--teacher_name", str(teacher_dir), "--align_logits", "dskd",
             "--dump_path", str(dump), "--device", "cpu", "--max_steps", "2", "--batch_size", "8",
-            "--gradient_accumulation_steps", "1", "--valid_prop", "0.05", "--n_epoch", "1", "--log_interval", "1"]
+            "--gradient_accumulation_steps", "1", "--valid_prop", "0.05", "--n_epoch", "1", "--log_interval", "1",
+            "--aligner_lr_scale", "10", "--warmup_prop", "0"]
     assert run_train(argv) == 0
     params = json.loads((dump / "parameters.json").read_text())
     assert not any(value for flag, value in params["alignment"].items() if flag in (
@@ -165,6 +166,11 @@ def test_train_py_trains_dskd_checkpoints_projections_and_exports_a_plain_studen
     checkpoint = load_file(str(dump / "checkpoints" / "2" / "model.safetensors"))
     assert {"aligner.query.weight", "aligner.t2s.weight", "aligner.s2t.weight"} <= set(checkpoint)
     assert not any(key.startswith("teacher") or ".bert." in key for key in checkpoint)
+    # the projections learn at 10x the student's rate (their own optimizer groups, kept by the schedule)
+    groups = torch.load(dump / "checkpoints" / "2" / "optimizer.pt", weights_only=True)["param_groups"]
+    rates = {g["lr_scale"]: g["lr"] for g in groups}
+    assert set(rates) == {1.0, 10.0} and rates[10.0] == pytest.approx(10 * rates[1.0])
+    assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 10.0) == 6  # 3 linear maps, weight + bias
     exported = final_weights(dump)
     assert not any("aligner" in key for key in exported)
     model = AutoModelForMaskedLM.from_pretrained(str(dump))
@@ -190,6 +196,9 @@ def test_torchrun_two_cpu_processes_agree(tmp_path, pipeline_out, teacher_dir):
      "--matching_ids is not read by --align_logits dskd"),
     (["--align_logits", "dskd", "--teacher_cache", "{out}/teacher_cache"],
      "--teacher_cache cannot serve --align_logits dskd"),
+    (["--align_logits", "uld", "--aligner_lr_scale", "3"],
+     "--aligner_lr_scale only applies to alignments with trainable parts (--align_logits dskd"),
+    (["--align_logits", "dskd", "--aligner_lr_scale", "0"], "--aligner_lr_scale 0.0 must be positive"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, pipeline_out, teacher_dir, capsys, extra, needle):
     check_one_line_error(pipeline_out, tmp_path / "dump", teacher_dir, extra, needle, capsys)

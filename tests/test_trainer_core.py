@@ -71,6 +71,22 @@ def test_optimizer_groups_and_step():
     assert not torch.equal(before, model[0].weight) and all(p.grad is None for p in model.parameters())
 
 
+def test_lr_scales_make_groups_that_the_schedule_keeps():
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(3, 4), "aligner": torch.nn.Linear(4, 2)})
+    optimizer = build_optimizer(model.named_parameters(), lr=0.1, weight_decay=0.01, eps=1e-6,
+                                lr_scales={"aligner.": 10.0})
+    groups = [(g["lr_scale"], g["weight_decay"], [p.shape for p in g["params"]]) for g in optimizer.param_groups]
+    assert groups == [(1.0, 0.01, [torch.Size([4, 3])]), (1.0, 0.0, [torch.Size([4])]),
+                      (10.0, 0.01, [torch.Size([2, 4])]), (10.0, 0.0, [torch.Size([2])])]
+    schedule = LrSchedule(1e-3, total_steps=10, warmup_prop=0.5)
+    base = schedule.apply(optimizer, 2)
+    assert base == pytest.approx(schedule.lr(2)) and base < 1e-3
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([base, base, 10 * base, 10 * base])
+    # without scales: the two groups of before, at the base rate
+    plain = build_optimizer(model.named_parameters(), lr=0.1, weight_decay=0.01, eps=1e-6)
+    assert [g["lr_scale"] for g in plain.param_groups] == [1.0, 1.0] and len(plain.param_groups[0]["params"]) == 2
+
+
 def _hidden_args(**overrides) -> argparse.Namespace:
     values = {"alpha_mse": 0.0, "alpha_cos": 0.0, "alpha_contrastive": 1.0, "hidden_distil_type": None,
               "projection_strategy": "last", "t_s_layers_ids": None, "project_to": "teacher", "intermediate_dim": None,
