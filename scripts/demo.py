@@ -125,6 +125,11 @@ def runs() -> dict[str, tuple[str, bool]]:
     return table
 
 
+def spread(lines: list[str], n: int) -> list[str]:
+    """`n` lines evenly spaced over `lines` (all of them when there are fewer)."""
+    return lines[::max(1, len(lines) // n)][:n]
+
+
 class StageFailed(Exception):
     def __init__(self, stage: str, log: Path, detail: str):
         super().__init__(f"demo failed at stage '{stage}': {detail}; see {log}")
@@ -187,16 +192,16 @@ class Demo:
             self.sh(self.py, ROOT / "preprocessing" / "get_corpus.py", "--out", corpus_dir)
         lines = (corpus_dir / "ru_sentences.txt").read_text(encoding="utf-8").splitlines()
         s = self.setup
-        heldout = lines[::max(1, len(lines) // s.heldout_sentences)][:s.heldout_sentences]
+        heldout = spread(lines, s.heldout_sentences)
         held = set(heldout)
         train = [line for line in lines if line not in held]
         if s.train_sentences:
-            train = train[::max(1, len(train) // s.train_sentences)][:s.train_sentences]
+            train = spread(train, s.train_sentences)
         data = self.out / "data"
         data.mkdir(parents=True, exist_ok=True)
         atomic_write_text(data / "train.txt", "\n".join(train) + "\n")
         atomic_write_text(data / "heldout.txt", "\n".join(heldout) + "\n")
-        student = train[::max(1, len(train) // s.student_sentences)][:s.student_sentences]
+        student = spread(train, s.student_sentences)
         atomic_write_text(data / "student.txt", "\n".join(student) + "\n")
         self.write_topic_task(corpus_dir / "topics.tsv", data / "topics")
         self.facts["corpus"] = {"train_sentences": len(train), "student_sentences": len(student),

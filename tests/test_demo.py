@@ -300,3 +300,35 @@ def test_report_with_one_seed_says_not_measured(tmp_path):
     assert report["models"]["student_match"]["topic_diff_ci"] is None
     assert "the topic verdicts are weak**: 1 fine-tuning seed(s), fewer than 5 (one seed measures no spread" in \
         (tmp_path / "report.md").read_text()
+
+
+def test_demo_topics_runs_every_seed_as_a_run_of_its_own(tmp_path):
+    from glue_cli import main as glue_main
+    from transformers import BertConfig
+
+    import demo_topics
+    from kdcore.errors import UserError
+    from kdcore.tokenizer_utils import load_tokenizer
+    from test_glue_data import make_tokenizer, write_glue_task
+
+    tok = make_tokenizer(tmp_path / "tok")
+    BertConfig(vocab_size=len(load_tokenizer(tok)), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32, max_position_embeddings=64).save_pretrained(str(tmp_path / "bert"))
+    data = write_glue_task(tmp_path / "topics", "single_sentence", n_train=32, n_dev=16)
+
+    def argv(seed: int, dump: str) -> list[str]:
+        return ["--glue_dataset", "single_sentence", "--glue_dir", str(data), "--num_labels", "4", "--tokenizer_name",
+                str(tok), "--dumps_dir", str(tmp_path / dump), "--batch_size", "8", "--lr", "1e-3", "--device", "cpu",
+                "--seed", str(seed), "train_single", "--model_name", str(tmp_path / "bert"), "--n_epochs", "1"]
+
+    (tmp_path / "argv.json").write_text(json.dumps([argv(0, "seed0"), argv(1, "seed1")]))
+    assert demo_topics.main([str(tmp_path / "argv.json")]) == 0
+    assert glue_main(argv(0, "alone")) == 0
+
+    def results(dump: str) -> dict:
+        saved = json.loads((tmp_path / dump / "results.json").read_text())
+        return {"dev": saved["dev"], "train": saved["train"]}
+
+    assert results("seed0") == results("alone") and (tmp_path / "seed1" / "results.json").is_file()
+    with pytest.raises(UserError, match="usage"):
+        demo_topics.main([])
