@@ -303,12 +303,13 @@ class Demo:
         for name, method in METHODS.items():
             if not method.cacheable:
                 continue
+            cache = self.out / "teacher_cache" / name
+            shutil.rmtree(cache, ignore_errors=True)  # a cache of an earlier run's pipeline
             start = time.perf_counter()
             self.sh(self.py, ROOT / "preprocessing" / "cache_teacher.py", "--pipeline_dir", self.out / "pipeline",
                     "--teacher_name", self.teacher_dir, *method.align, "--temperature", "2", "--format", "sample",
-                    "--k", 16, "--out", self.out / "teacher_cache" / name, "--device", "cpu",
-                    "--precision", self.setup.teacher_precision)
-            header = json.loads((self.out / "teacher_cache" / name / "cache.json").read_text(encoding="utf-8"))
+                    "--k", 16, "--out", cache, "--device", "cpu", "--precision", self.setup.teacher_precision)
+            header = json.loads((cache / "cache.json").read_text(encoding="utf-8"))
             self.facts["teacher_cache"][name] = {
                 "build_seconds": round(time.perf_counter() - start, 1), "rows": sum(s["n_rows"] for s in header["shards"]),
                 "bytes_per_row": header["bytes_per_row"], "encoding": header["encoding"]}

@@ -211,8 +211,8 @@ def findings(report: dict, labels: dict[str, str], context: dict) -> list[str]:
                      f" s, cache built once in {build.get('build_seconds', 0):.0f} s ({build.get('rows', 0):,} rows, "
                      f"{build.get('bytes_per_row', 0)} bytes per row); whole-word accuracy "
                      f"{models[cached]['word_acc']:.3f} vs {models[online]['word_acc']:.3f}; topic accuracy "
-                     f"{_topic(models[cached])} vs {_topic(models[online])} (cached - online {check['topic_diff']:+.3f}"
-                     f", {check['verdict']})")
+                     f"{_topic(models[cached])} vs {_topic(models[online])} (cached - online: {_diff(check)}, "
+                     f"{check['verdict']})")
     return lines
 
 
