@@ -82,9 +82,10 @@ MODES = {
                    teacher_layers=2, teacher_hidden=128, teacher_heads=2, teacher_steps=150, student_vocab=800,
                    student_layers=2, student_dim=64, student_heads=2, student_ffn=256, kd_steps=80, topic_epochs=1,
                    topic_seeds=2, topic_max_per_class=120, speed_repeats=3, topic_max_len=64),
-    "full": Setup(train_sentences=0, student_sentences=16000, heldout_sentences=3000, teacher_vocab=16000,
+    "full": Setup(train_sentences=0, student_sentences=8000, heldout_sentences=3000, teacher_vocab=16000,
                   teacher_layers=4, teacher_hidden=256, teacher_heads=4, teacher_steps=6000, student_vocab=4000,
-                  student_layers=3, student_dim=64, student_heads=4, student_ffn=256, kd_steps=1000),
+                  student_layers=3, student_dim=64, student_heads=4, student_ffn=256, kd_steps=500,
+                  topic_max_per_class=500),
 }
 
 
