@@ -74,7 +74,7 @@ class Setup:
     topic_seeds: int = 5
     topic_max_per_class: int = 600
     speed_repeats: int = 10
-    topic_max_len: int = 96
+    topic_max_len: int = 64
 
 
 MODES = {
@@ -370,7 +370,8 @@ class Demo:
             argvs = [[str(v) for v in (
                 "--glue_dataset", "single_sentence", "--glue_dir", task, "--num_labels",
                 len(self.facts["topics"]["labels"]), "--tokenizer_name", path, "--tokenizer_params", params,
-                "--dumps_dir", dump, "--force", "--batch_size", 32, "--lr", "2e-4", "--seed", seed, "train_single",
+                "--dumps_dir", dump, "--force", "--batch_size", 32, "--lr", "2e-4", "--precision", "bf16", "--seed", seed,
+                "train_single",
                 "--model_name", path, "--from_pretrained", "--n_epochs", s.topic_epochs, "--warmup_prop", "0.1")]
                 for seed, dump in enumerate(dumps)]
             argv_file = self.out / "topics" / name / "argv.json"
