@@ -112,6 +112,7 @@ METHODS: dict[str, Method] = {
     "match_mined": Method("match, MinED columns", ("--align_logits", "match", "--column_map", "mined"),
                           cacheable=True),
     "uld": Method("ULD", ("--align_logits", "uld")),
+    "dskd": Method("DSKD", ("--align_logits", "dskd")),
 }
 CACHE_CHECK = "match"
 """The cacheable method that also runs with the teacher online (`match_online`): the teacher cache's effect."""

@@ -238,8 +238,8 @@ def markdown(report: dict, labels: dict[str, str], context: dict) -> str:
              "student is the same network; their speeds differ by measurement noise.",
              "- Every student: same config, same initialisation (the teacher-based one, except random init), same "
              "data, seed and number of updates; methods marked 'teacher cache' read the teacher's outputs from a "
-             "cache built once (`sample` encoding, K = 16), ULD runs with the teacher online (no cache can serve "
-             "it).", "",
+             "cache built once (`sample` encoding, K = 16), ULD and DSKD run with the teacher online (no cache can "
+             "serve them).", "",
              "## Setup", "", "```json",
              json.dumps({"setup": context.get("setup", {}), "methods": context.get("methods", {})}, indent=1,
                         ensure_ascii=False), "```", "",

@@ -233,7 +233,7 @@ def test_method_table_and_train_flags(tmp_path):
 
     runs = demo.runs()
     assert list(runs)[:2] == ["baseline", "random_init"] and runs["match_online"] == ("match", False)
-    assert {"match", "reduce", "reduce_map", "uld", "match_mined"} <= set(runs)
+    assert {"match", "reduce", "reduce_map", "uld", "dskd", "match_mined"} <= set(runs)
     for name, method in demo.METHODS.items():
         if method.kd:
             align = method.align[method.align.index("--align_logits") + 1]
@@ -303,7 +303,6 @@ def test_report_with_one_seed_says_not_measured(tmp_path):
 
 
 def test_demo_topics_runs_every_seed_as_a_run_of_its_own(tmp_path):
-    from glue_cli import main as glue_main
     from transformers import BertConfig
 
     import demo_topics
@@ -323,7 +322,7 @@ def test_demo_topics_runs_every_seed_as_a_run_of_its_own(tmp_path):
 
     (tmp_path / "argv.json").write_text(json.dumps([argv(0, "seed0"), argv(1, "seed1")]))
     assert demo_topics.main([str(tmp_path / "argv.json")]) == 0
-    assert glue_main(argv(0, "alone")) == 0
+    assert demo_topics.glue_main(argv(0, "alone")) == 0  # distil-finetuned-en/train.py's own entry point
 
     def results(dump: str) -> dict:
         saved = json.loads((tmp_path / dump / "results.json").read_text())
