@@ -104,7 +104,6 @@ class Distiller:
                                  self.hidden.positions if self.hidden else None) if p is not None]
         self.with_t2s = any(p.student_pass is StudentPass.T2S for p in positions)
         self.teacher_reads_student_ids = any(p.teacher_reads_student_ids for p in positions)
-        self._kl_reads_states = self.kl is not None and self.kl.needs_teacher_states
         self.epoch_end_hooks: list = []  # callables f(distiller) run after every completed epoch, before validation
         self.step_end_hooks: list = []  # callables f(distiller) run after every applied update, its logs,
         # validation and checkpoint written
@@ -179,9 +178,9 @@ class Distiller:
                                                          for key, value in batch.items() if key.startswith("cache.")})
         if self.teacher is None or (self.kl is None and self.hidden is None) or (cached and self.hidden is None):
             return cached, None
+        states_read = self.hidden is not None or self.runner.aligner is not None
         logits, states = teacher_forward(self.teacher, batch, None if cached else self.kl, masked, labels,
-                                         hidden_states=self.hidden is not None or self._kl_reads_states,
-                                         reads_student_ids=self.teacher_reads_student_ids)
+                                         hidden_states=states_read, reads_student_ids=self.teacher_reads_student_ids)
         return (cached or logits), states
 
     def _losses(self, batch: dict[str, torch.Tensor], generator: torch.Generator):

@@ -253,6 +253,12 @@ ULD_POSITIONS: dict[str, type[Positions]] = dict(HIDDEN_POSITIONS)
 """`--uld_positions` choices (the first is the default)."""
 
 
+def make_positions(cls: type[Positions], average: bool) -> Positions:
+    """An instance of a `HIDDEN_POSITIONS` class (reduce positions pool the pieces by mean with `average`, else
+    by sum)."""
+    return cls("mean" if average else "sum") if cls is ReducePositions else cls()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Logit alignments
 # ---------------------------------------------------------------------------------------------------------
@@ -271,7 +277,6 @@ class LogitAlignment:
     selectable: ClassVar[bool] = True  # offered by --align_logits (shared is chosen by the tokenizers)
     uncacheable: ClassVar[str | None] = None  # why a teacher cache cannot serve this alignment (None: it can)
     column_maps: ClassVar[tuple[str, ...]] = ("exact",)  # the --column_map choices it accepts
-    needs_teacher_states: ClassVar[bool] = False  # its aligner reads the teacher's last hidden states
     extra_terms: ClassVar[tuple[str, ...]] = ()  # loss names its aligner adds besides loss_ce (weighted by alpha_ce)
 
     def __init__(self, positions: Positions, temperature: float, teacher_columns: Tensor | None = None,
@@ -294,7 +299,8 @@ class LogitAlignment:
 
     def aligner(self, teacher: torch.nn.Module, student: torch.nn.Module) -> torch.nn.Module | None:
         """The alignment's trainable part (trained, synchronised and checkpointed with the student, never exported),
-        which then computes the student's outputs itself (`step_runner.StudentRunner`); None: it has none."""
+        which then computes the student's outputs itself from the teacher's last hidden states
+        (`step_runner.StudentRunner`); None: it has none."""
         return None
 
     @classmethod
@@ -364,7 +370,6 @@ def selectable_alignments() -> tuple[str, ...]:
 def cacheable_alignments() -> tuple[str, ...]:
     """The `--align_logits` choices that a teacher cache can serve (`cache_teacher.py`'s choices)."""
     return tuple(name for name in selectable_alignments() if not ALIGNMENTS[name].uncacheable)
-
 
 
 def project_logits(logits: Tensor, groups: Tensor, n_groups: int, temperature: float) -> Tensor:
@@ -532,9 +537,7 @@ class Uld(LogitAlignment):
 
     @classmethod
     def build(cls, cfg, temperature, vocab):
-        positions = cls.positions_class(cfg)
-        return cls(positions("mean" if cfg.average_logits else "sum") if positions is ReducePositions
-                   else positions(), temperature)
+        return cls(make_positions(cls.positions_class(cfg), cfg.average_logits), temperature)
 
     def loss(self, teacher_logits, student_scores):
         """Mean over rows of the L1 distance between the sorted probability vectors at T (`uld_loss`; teacher
@@ -568,7 +571,7 @@ class Dskd(LogitAlignment):
     name = "dskd"
     uncacheable = ("it reads the teacher's last hidden states at every position and learns how to align them, which "
                    "no cache encoding stores; drop --teacher_cache (the teacher runs online)")
-    needs_teacher_states = True
+    extra_terms = DUAL_SPACE_TERMS
 
     @classmethod
     def artifacts(cls, cfg):
@@ -577,8 +580,6 @@ class Dskd(LogitAlignment):
     @classmethod
     def build(cls, cfg, temperature, vocab):
         return cls(DualSpacePositions(), temperature)
-
-    extra_terms = DUAL_SPACE_TERMS
 
     def aligner(self, teacher, student):
         return build_dual_space(teacher, student)
@@ -712,7 +713,7 @@ def build_alignments(cfg: AlignmentConfig, temperature: float, kl: bool, hidden:
     positions = None
     if hidden:
         cls = hidden_positions_class(cfg, shared_vocab)
-        positions = cls("mean" if cfg.average_hiddens else "sum") if cls is ReducePositions else cls()
+        positions = make_positions(cls, cfg.average_hiddens)
     plan = AlignmentPlan(kl_alignment, positions, None)
     if plan.needs_t2s:
         plan.t2s_input = load_t2s_input(cfg.artifact("t2s_mapping"), vocab.n_teacher, vocab.n_student,

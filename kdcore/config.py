@@ -211,15 +211,13 @@ class TrainConfig:
         if cfg.data.teacher_cache and shared:
             raise UserError("--teacher_cache needs different vocabularies: with one vocabulary the teacher reads the "
                             "student's masked ids, which change every step")
-        if cfg.optim.aligner_lr_scale != 1.0 and not (cfg.losses.kl and logit_alignment_class(
-                cfg.alignment, shared).has_aligner()):
+        kl_class = logit_alignment_class(cfg.alignment, shared) if cfg.losses.kl else None
+        if cfg.optim.aligner_lr_scale != 1.0 and not (kl_class and kl_class.has_aligner()):
             takers = " / ".join(name for name, c in ALIGNMENTS.items() if c.has_aligner())
             raise UserError(f"--aligner_lr_scale only applies to alignments with trainable parts (--align_logits "
                             f"{takers}, with --alpha_ce > 0); drop it")
-        if cfg.data.teacher_cache and cfg.losses.kl:
-            kl_class = logit_alignment_class(cfg.alignment, shared)
-            if kl_class.uncacheable:
-                raise UserError(f"--teacher_cache cannot serve --align_logits {kl_class.name}: {kl_class.uncacheable}")
+        if cfg.data.teacher_cache and kl_class and kl_class.uncacheable:
+            raise UserError(f"--teacher_cache cannot serve --align_logits {kl_class.name}: {kl_class.uncacheable}")
         if cfg.losses.hidden and a.alpha_contrastive > 0 and a.use_mismatched_ids:
             positions = hidden_positions_class(cfg.alignment, shared)
             if not positions.has_unaligned_rows or a.projection_strategy == "pool_and_project":

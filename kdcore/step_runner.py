@@ -180,9 +180,10 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, Tensor], kl: LogitAlign
 def combine_losses(student_out: dict[str, Tensor], t_logits, kl: LogitAlignment | None,
                    alphas: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """(total = sum of alpha * loss, {name: loss}) with names `loss_ce` (`kl.loss`: the KL, or the alignment's own
-    distance) and the alignment's `extra_terms` (alpha "ce" too), `loss_mlm` and the hidden-state terms `loss_mse`, `loss_cos`, `loss_contrastive` (computed by the
-    runner; alphas "mse", "cos", "contrastive"). t_logits: the teacher's logits [N, K] (`teacher_forward`), or an object with
-    `kl(student_scores, temperature)` (`teacher_cache.CachedTeacher`), or None without KL."""
+    distance) and the alignment's `extra_terms` (alpha "ce" too), `loss_mlm` and the hidden-state terms `loss_mse`,
+    `loss_cos`, `loss_contrastive` (computed by the runner; alphas "mse", "cos", "contrastive"). t_logits: the
+    teacher's logits [N, K] (`teacher_forward`), or an object with `kl(student_scores, temperature)`
+    (`teacher_cache.CachedTeacher`), or None without KL."""
     losses: dict[str, Tensor] = {}
     if "mlm_logits" in student_out:
         losses["loss_mlm"] = mlm_loss(student_out["mlm_logits"], student_out["mlm_labels"])

@@ -4,33 +4,18 @@ teacher-cache builder refuses an alignment it cannot serve."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import final_weights, run_train, train_argv
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_train import final_weights, run_train, train_argv, two_process_run
 
 
 def check_torchrun_agrees(pipeline_out: Path, dump: Path, flags: list[str]) -> None:
     """2 CPU processes launched by ./train_multi_gpu.sh (torchrun, gloo) train 2 updates and end with the same
     weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RVKD_NO_TQDM": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHON": sys.executable, "N_GPU_NODE": "2"}
-    argv = train_argv(pipeline_out, dump, "--max_steps", "2", *flags)
-    proc = subprocess.run([str(ROOT / "train_multi_gpu.sh"), *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((dump / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 2
-    checksums = summary["rank_param_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    two_process_run(train_argv(pipeline_out, dump, "--max_steps", "2", *flags), steps=2)
 
 
 def check_resume_is_exact(pipeline_out: Path, tmp_path: Path, flags: list[str]) -> tuple[Path, Path]:

@@ -4,18 +4,14 @@ an independent computation, training, resume, torchrun, export and the teacher c
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import final_weights, run_train
+from test_train import final_weights, run_train, two_process_run
 
-ROOT = Path(__file__).resolve().parents[1]
 SPECIAL = {"unk": "[UNK]", "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
 
@@ -153,17 +149,7 @@ def test_mined_trains_resumes_exactly_and_exports_a_plain_student(tmp_path, pipe
 
 
 def test_torchrun_two_cpu_processes_agree_with_mined_columns(tmp_path, pipeline_out, teacher_dir):
-    dump = tmp_path / "ddp"
-    env = {**os.environ, "N_GPU_NODE": "2", "OMP_NUM_THREADS": "1", "RVKD_NO_TQDM": "1",
-           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    argv = mined_argv(pipeline_out, teacher_dir, dump, "reduce", "--max_steps", "3")
-    proc = subprocess.run([str(ROOT / "train_multi_gpu.sh"), *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((dump / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 3
-    checksums = summary["rank_param_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    two_process_run(mined_argv(pipeline_out, teacher_dir, tmp_path / "ddp", "reduce", "--max_steps", "3"), steps=3)
 
 
 def test_caches_are_refused_across_column_maps(tmp_path, pipeline_out, teacher_dir, capsys):

@@ -53,6 +53,22 @@ def run_train(argv: list[str]) -> int:
     return run_cli(main, argv)
 
 
+def two_process_run(argv: list[str], steps: int) -> subprocess.CompletedProcess:
+    """train.py `argv` under ./train_multi_gpu.sh with 2 CPU processes (gloo); asserts that it exits 0 after
+    `steps` updates with the same weights on both ranks; returns the finished process."""
+    env = {**os.environ, "N_GPU_NODE": "2", "OMP_NUM_THREADS": "1", "RVKD_NO_TQDM": "1",
+           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([str(ROOT / "train_multi_gpu.sh"), *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dump = Path(argv[argv.index("--dump_path") + 1])
+    summary = json.loads((dump / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == steps
+    checksums = summary["rank_param_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    return proc
+
+
 def final_weights(dump: Path) -> dict[str, torch.Tensor]:
     return load_file(str(dump / "model.safetensors"))
 
@@ -133,16 +149,8 @@ def test_resume_after_patience_ran_out_does_not_train_on(tmp_path, pipeline_out)
 
 def test_torchrun_two_cpu_processes_agree(tmp_path, pipeline_out, teacher_dir):
     dump = tmp_path / "ddp"
-    env = {**os.environ, "N_GPU_NODE": "2", "OMP_NUM_THREADS": "1", "RVKD_NO_TQDM": "1",
-           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    argv = train_argv(pipeline_out, dump, "--max_steps", "3", *kd_flags(pipeline_out, teacher_dir, "match"))
-    proc = subprocess.run([str(ROOT / "train_multi_gpu.sh"), *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((dump / "train_summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 3
-    checksums = summary["rank_param_checksums"]
-    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    proc = two_process_run(train_argv(pipeline_out, dump, "--max_steps", "3",
+                                      *kd_flags(pipeline_out, teacher_dir, "match")), steps=3)
     log = (dump / "train.log").read_text()
     assert "2 process(es)" in log
     for bar in ("Loading weights", "Writing model shards", "it/s]"):  # no per-load progress bars in the logs
