@@ -6,6 +6,10 @@ binarized shard and store its distribution at the rows and over the columns that
         --align_logits {match,reduce,reduce_map} [--column_map exact|mined] --temperature 2 --format {exact,topk,sample} [--k 16] --out DIR \\
         [--dtype fp16] [--precision fp32|bf16|fp16] [--device auto|cpu|cuda] [--batch_size 64] [--seed 42]
 
+The teacher reads each window of up to `WINDOW_BATCHES` batches (fewer for large rows, see `window_size`) in
+order of sequence length, so that a batch pads only to nearly its own lengths, and the rows are written in shard
+order.
+
 Under torchrun (`torchrun --nproc_per_node N preprocessing/cache_teacher.py ...`) every process builds the shards
 rank, rank + N, ...; rank 0 writes the header once all are done. A shard is published whole (temp directory, then
 rename) and a rerun with the same arguments skips the shards already built and deletes the temp files of the killed
@@ -75,6 +79,39 @@ class CacheParams:
     batch_size: int = 64
     seed: int = 42
     column_map: str = "exact"
+
+
+WINDOW_BYTES = 256 * 2**20
+"""Cached values held in memory per window of `length_sorted_windows` (bounds the windows of the large encodings)."""
+WINDOW_BATCHES = 64
+"""Largest window, in batches: sorting over more sequences than this barely reduces the padding further."""
+
+
+def window_size(batch_size: int, bytes_per_row: int, rows_per_seq: float) -> int:
+    """Sequences per window: WINDOW_BATCHES batches, fewer when their cached values would exceed WINDOW_BYTES
+    (at least one batch)."""
+    fits = int(WINDOW_BYTES // max(1.0, bytes_per_row * max(rows_per_seq, 1.0)))
+    return max(batch_size, min(WINDOW_BATCHES * batch_size, fits))
+
+
+def length_sorted_windows(lengths: np.ndarray, batch_size: int, window: int):
+    """Yields (indices of the window [W] in shard order, batches: lists of at most `batch_size` of them in order of
+    length) for consecutive windows of `window` sequences, so that a batch pads to nearly its own lengths while the
+    output is still written in shard order. lengths: int [N] (the teacher side's)."""
+    for start in range(0, len(lengths), window):
+        order = np.arange(start, min(start + window, len(lengths)))
+        by_length = order[np.argsort(lengths[order], kind="stable")]
+        yield order, [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+
+
+def rows_in_order(done: np.ndarray, counts: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Row indices that put rows computed sequence by sequence in the order `done` [W] (each sequence `counts` [W]
+    consecutive rows) back into the order `order` [W] (the same sequences, sorted ascending)."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    position = np.empty(len(done), dtype=np.int64)
+    position[np.searchsorted(order, done)] = np.arange(len(done))  # position[j] = where order[j] was computed
+    first, n = starts[position], counts[position].astype(np.int64)
+    return np.repeat(first - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(int(n.sum()))
 
 
 def _signature(header: dict) -> str:
@@ -149,17 +186,27 @@ def build(params: CacheParams, log=print) -> dict:
             with staged_dir(final) as tmp:
                 writers = {name: NpyStreamWriter(tmp / f"{name}.npy", dtype)
                            for name, (_, dtype) in encoding.widths().items()}
-                for start in range(0, len(data), params.batch_size):
-                    batch = collator(data.gather(range(start, min(start + params.batch_size, len(data)))))
-                    batch = {key: value.to(dist_info.device) for key, value in batch.items()}
-                    labels = torch.full_like(batch["s_ids"], IGNORE_INDEX)
-                    with autocast(dist_info.device, params.precision):
-                        logits, _ = teacher_forward(teacher, batch, on_device, batch["s_ids"], labels)
-                    log_p = torch.log_softmax(logits.float() / params.temperature, -1)
-                    for name, values in encoding.encode(log_p, generator).items():
-                        writers[name].append(values.reshape(-1))
-                    row_counts.append(alignment.positions.teacher_rows(batch).sum(1).cpu().numpy())
-                    stats["tokens"] += int(batch["t_mask"].sum())
+                window = window_size(params.batch_size, encoding.bytes_per_row(),
+                                     float(flags[shard.dir.name].sum()) / max(1, len(data)))
+                for order, batches in length_sorted_windows(data.lengths("teacher"), params.batch_size, window):
+                    parts: dict[str, list[np.ndarray]] = {name: [] for name in writers}
+                    counts = []
+                    for indices in batches:
+                        batch = collator(data.gather(indices))
+                        batch = {key: value.to(dist_info.device) for key, value in batch.items()}
+                        labels = torch.full_like(batch["s_ids"], IGNORE_INDEX)
+                        with autocast(dist_info.device, params.precision):
+                            logits, _ = teacher_forward(teacher, batch, on_device, batch["s_ids"], labels)
+                        log_p = torch.log_softmax(logits.float() / params.temperature, -1)
+                        for name, values in encoding.encode(log_p, generator).items():
+                            parts[name].append(values)
+                        counts.append(alignment.positions.teacher_rows(batch).sum(1).cpu().numpy())
+                        stats["tokens"] += int(batch["t_mask"].sum())
+                    counts_done = np.concatenate(counts)
+                    take = rows_in_order(np.concatenate(batches), counts_done, order)
+                    for name, values in parts.items():
+                        writers[name].append(np.concatenate(values)[take].reshape(-1))
+                    row_counts.append(counts_done[np.argsort(np.concatenate(batches), kind="stable")])
                 for writer in writers.values():
                     writer.close()
                 counts = np.concatenate(row_counts) if row_counts else np.zeros(0, np.int64)

@@ -98,6 +98,29 @@ def _run(pipeline_out: Path, teacher: Path, dump: Path, align: str, *extra: str)
     return run_train(argv)
 
 
+def test_length_sorted_windows_put_the_rows_back_in_shard_order():
+    """The builder computes each window's sequences in order of length and writes their rows in shard order."""
+    import numpy as np
+
+    from cache_teacher import length_sorted_windows, rows_in_order, window_size
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=23)
+    rows = rng.integers(0, 5, size=23)  # rows per sequence, some with none
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    written, seen = [], []
+    for order, batches in length_sorted_windows(lengths, batch_size=3, window=7):
+        done = np.concatenate(batches)
+        assert sorted(done.tolist()) == order.tolist() and len(order) <= 7 and all(len(b) <= 3 for b in batches)
+        assert (np.diff(lengths[done]) >= 0).all()  # one window's batches go by length
+        computed = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in done])  # row ids, computed order
+        written.append(computed[rows_in_order(done, rows[done], order)])
+        seen += order.tolist()
+    assert seen == list(range(23))
+    assert np.concatenate(written).tolist() == list(range(int(rows.sum())))
+    assert window_size(64, 36, 20.0) == 64 * 64 and window_size(64, 10**6, 20.0) == 64  # bounded by bytes
+
+
 @pytest.mark.parametrize("align", ["match", "reduce", "reduce_map"])
 def test_exact_cache_trains_like_the_online_teacher(tmp_path, golden, align):
     """fp32 `exact` cache vs the teacher in the loop, on the fixed fixture whose teacher is peaked (its KL is far
