@@ -64,6 +64,7 @@ from kdcore.trainer_core import (
     clip_gradients,
     discard_update,
     grad_scaler,
+    store_linears_in,
 )
 from lm_seqs_dataset import Collator, LmSeqsDataset
 from utils import DistInfo, load_optimizer_state, memory_mb, param_digest, rng_state, set_rng_state
@@ -119,6 +120,12 @@ class Distiller:
         opt = cfg.optim
         self.precision = opt.precision
         self.teacher_precision = opt.teacher_precision or opt.precision
+        if self.teacher is not None and (runner.aligner is None or self.teacher_precision == self.precision):
+            # an aligner runs parts of the teacher under the student's autocast: only when it is the teacher's
+            stored = store_linears_in(self.teacher, self.teacher_precision)
+            if stored and dist_info.is_master:
+                self.logger.info(f"teacher: {stored:,} Linear weights and biases stored in {self.teacher_precision} "
+                                 "once (autocast would cast them at every step; the outputs are identical)")
         self.cache_encoding = collator.cache_encoding  # teacher-cache rows come with the batches (None: online)
         self.scaler = grad_scaler(self.device, opt.precision)
         self.optimizer = build_optimizer(self.runner.named_parameters(), opt.learning_rate, opt.weight_decay,

@@ -60,7 +60,8 @@ not meaningful); OURS runs first (it writes the first batch of the objective che
 - objective check (first round only): before its loop, OURS computes its loss on the first batch in eval mode (no dropout)
   with the trainer's own `_mask` and `_losses`, and stores the masked ids and labels; REFERENCE computes
   its loss on the same batch with those masked ids and labels, also in eval mode. Both do it in the
-  training precision and in fp64 (models converted to fp64 and back, losslessly; no autocast). Equal
+  training precision and in fp64 (students converted to fp64 and back, losslessly; the teacher loaded afresh in
+  fp64, since a bf16 trainer keeps its Linears in bf16; no autocast). Equal
   totals and terms (KL, MLM, cosine; relative difference <= 1e-7 in fp64, <= 1e-4 + 1e-6 in fp32; a bf16
   comparison is recorded, not judged) show that both optimise the same objective. With a random teacher
   the KL term is small (~1e-5: near-uniform teacher outputs), hence the fp64 comparison;
@@ -301,6 +302,7 @@ def run_ours(cfg: dict) -> dict:
     """Run train.main in this process; instrument (never change) the Distiller to read the loop's numbers."""
     import distiller as distiller_mod
     import train
+    from kdcore.model_io import load_teacher
 
     torch.set_num_threads(cfg["threads"])
     cls = distiller_mod.Distiller
@@ -310,8 +312,8 @@ def run_ours(cfg: dict) -> dict:
 
     def first_batch_check(self) -> None:
         """OURS's loss on the first batch with the masking of the first update (a cloned generator), eval
-        mode: in the training precision, and in fp64 (models converted to fp64 and back, which is lossless;
-        no autocast) where rounding cannot hide a difference."""
+        mode: in the training precision, and in fp64 (the student converted to fp64 and back, which is lossless,
+        and a fresh fp64 copy of the teacher; no autocast) where rounding cannot hide a difference."""
         first = self.sampler.batches(self.sampler.epoch)[0]
         batch = orig_batch(self, self.train_data, first)
         state = self.generator.get_state()
@@ -320,12 +322,13 @@ def run_ours(cfg: dict) -> dict:
         with torch.no_grad():
             rec["check"] = loss_values(*self._losses(batch, torch.Generator().set_state(state)))
             precision, self.precision = self.precision, "fp32"
-            self.runner.double(), self.teacher.double()
+            teacher, self.teacher = self.teacher, load_teacher(cfg["paths"]["teacher_dir"]).double().eval()
+            self.runner.double()  # (the trainer may keep the teacher's Linears in bf16: a fresh fp64 copy here)
             try:
                 rec["check_fp64"] = loss_values(*self._losses(batch, torch.Generator().set_state(state)))
             finally:
-                self.runner.float(), self.teacher.float()
-                self.precision = precision
+                self.runner.float()
+                self.teacher, self.precision = teacher, precision
         self.runner.train()
         np.savez(cfg["check_file"], s_ids=batch["s_ids"].cpu().numpy(), s_mask=batch["s_mask"].cpu().numpy(),
                  masked=masked.cpu().numpy(), labels=labels.cpu().numpy(), indices=np.asarray(first))

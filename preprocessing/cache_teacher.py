@@ -126,7 +126,7 @@ def build(params: CacheParams, log=print) -> dict:
     from kdcore.model_io import check_teacher, load_teacher
     from kdcore.step_runner import teacher_forward
     from kdcore.tokenizer_utils import fingerprint, load_tokenizer, vocab_list
-    from kdcore.trainer_core import autocast
+    from kdcore.trainer_core import autocast, store_linears_in
     from lm_seqs_dataset import Collator, LmSeqsDataset
     from utils import init_distributed, shutdown_distributed
 
@@ -177,6 +177,7 @@ def build(params: CacheParams, log=print) -> dict:
             if teacher is None:
                 teacher = load_teacher(params.teacher_name).to(dist_info.device).eval()
                 teacher.requires_grad_(False)
+                store_linears_in(teacher, params.precision)  # the forward below runs under that autocast only
                 on_device = alignment.to(dist_info.device)
             data = LmSeqsDataset([shard], 0.0, "train")
             collator = Collator(t_tok.pad_token_id, s_tok.pad_token_id)

@@ -177,6 +177,22 @@ def test_train_py_trains_dskd_checkpoints_projections_and_exports_a_plain_studen
     assert model.config.vocab_size == json.loads((pipeline_out / "student" / "config.json").read_text())["vocab_size"]
 
 
+@pytest.mark.parametrize("precision,stored", [("fp32", False), ("bf16", True)])
+def test_a_bf16_teacher_keeps_fp32_linears_unless_the_student_runs_in_bf16_too(tmp_path, pipeline_out, teacher_dir,
+                                                                              precision, stored):
+    """The aligner runs the teacher's head under the student's autocast, so the teacher's Linears are stored in
+    bf16 only when that autocast is bf16 too."""
+    dump = tmp_path / "dump"
+    argv = ["--pipeline_dir", str(pipeline_out), "--teacher_name", str(teacher_dir), "--align_logits", "dskd",
+            "--dump_path", str(dump), "--device", "cpu", "--max_steps", "2", "--batch_size", "8",
+            "--gradient_accumulation_steps", "1", "--valid_prop", "0.05", "--n_epoch", "1", "--log_interval", "1",
+            "--precision", precision, "--teacher_precision", "bf16"]
+    assert run_train(argv) == 0
+    summary = json.loads((dump / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and all(np.isfinite(h["valid_loss"]) for h in summary["history"])
+    assert ("Linear weights and biases stored in bf16" in (dump / "train.log").read_text()) == stored
+
+
 def test_resume_equals_uninterrupted(tmp_path, pipeline_out, teacher_dir):
     full, part = check_resume_is_exact(pipeline_out, tmp_path, kd_flags(pipeline_out, teacher_dir, "dskd"))
     ca = load_file(str(full / "checkpoints" / "3" / "model.safetensors"))

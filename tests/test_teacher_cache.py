@@ -248,11 +248,21 @@ def test_cached_run_under_torchrun_with_a_half_precision_teacher_flag(tmp_path, 
     assert "teacher model loaded for the hidden-state losses" in (tmp_path / "ddp" / "train.log").read_text()
 
 
-def test_teacher_precision_bf16_changes_only_the_teacher(tmp_path, pipeline_out, teacher_dir):
+def test_teacher_precision_bf16_changes_only_the_teacher(tmp_path, pipeline_out, teacher_dir, monkeypatch):
+    """A bf16 teacher beside an fp32 student; its Linears are stored in bf16 once, which changes no value: the run
+    equals one where autocast casts them at every step."""
+    import distiller
+
     assert _run(pipeline_out, teacher_dir, tmp_path / "fp32", "match") == 0
     assert _run(pipeline_out, teacher_dir, tmp_path / "bf16", "match", "--teacher_precision", "bf16") == 0
+    with monkeypatch.context() as m:
+        m.setattr(distiller, "store_linears_in", lambda model, precision: 0)
+        assert _run(pipeline_out, teacher_dir, tmp_path / "cast", "match", "--teacher_precision", "bf16") == 0
     a = tensorboard_scalars(tmp_path / "fp32" / "tensorboard" / "run")
     b = tensorboard_scalars(tmp_path / "bf16" / "tensorboard" / "run")
     assert b["train/loss_mlm"]["1"] == a["train/loss_mlm"]["1"]  # the student's own loss does not see the teacher
     assert b["train/loss_ce"]["1"] != a["train/loss_ce"]["1"]
     assert b["train/loss_ce"]["1"] == pytest.approx(a["train/loss_ce"]["1"], rel=0.05)
+    assert tensorboard_scalars(tmp_path / "cast" / "tensorboard" / "run") == b
+    assert "Linear weights and biases stored in bf16 once" in (tmp_path / "bf16" / "train.log").read_text()
+    assert "stored in bf16" not in (tmp_path / "cast" / "train.log").read_text()

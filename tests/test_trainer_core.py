@@ -16,6 +16,7 @@ from kdcore.trainer_core import (
     grad_scaler,
     hidden_config,
     optimizer_step,
+    store_linears_in,
 )
 
 
@@ -146,3 +147,36 @@ def test_device_choice(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     info = init_distributed("auto")
     assert (info.rank, info.world_size, info.backend, info.device) == (0, 1, None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_linears_stored_in_the_autocast_dtype_give_identical_outputs(precision):
+    """A frozen BERT's Linears stored once in the autocast dtype: the same logits and hidden states under autocast,
+    the embeddings stay fp32 although the decoder's weight was tied to them; fp32 stores nothing."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kdcore.trainer_core import PRECISIONS
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=16)).eval().requires_grad_(False)
+    ids = torch.randint(0, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", dtype=PRECISIONS[precision]):
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return [out.logits, *out.hidden_states]
+
+    before = forward()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    expected = sum(p.numel() for m in linears for p in (m.weight, m.bias) if p is not None)
+    assert store_linears_in(model, "fp32") == 0
+    assert store_linears_in(model, precision) == expected
+    assert all(p.dtype == PRECISIONS[precision] and not p.requires_grad for m in linears for p in m.parameters())
+    assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+    assert model.bert.encoder.layer[0].output.LayerNorm.weight.dtype == torch.float32
+    after = forward()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert store_linears_in(model, precision) == 0  # already stored
