@@ -291,14 +291,18 @@ def resume_point(cfg: TrainConfig) -> tuple[Path | None, list[str]]:
 def precompute_curvature(cfg: TrainConfig, hidden, teacher, student, data, collator, dist_info, logger,
                          epoch: int) -> float:
     """Estimate c from the teacher's or the student's outputs on `data` (`delta.sample_output_vectors`, averaged
-    over processes by `trainer_core.fit_curvature`), set it in `hidden`'s hyperbolic layers and return it."""
+    over processes by `trainer_core.fit_curvature`), set it in `hidden`'s hyperbolic layers and return it. The
+    teacher runs in its precision (`--teacher_precision`), as everywhere in the run (the Distiller may store its
+    Linears in that dtype); the student in fp32."""
     from delta import sample_output_vectors
-    from kdcore.trainer_core import fit_curvature
+    from kdcore.trainer_core import autocast, fit_curvature
 
     c = cfg.curvature
     model = (teacher if c.side == "teacher" else student).to(dist_info.device)
-    vectors = sample_output_vectors(model, data, collator, c.side, c.n_samples, cfg.data.batch_size, dist_info.device,
-                                    c.seed + epoch, c.delta_vectors)
+    precision = (cfg.optim.teacher_precision or cfg.optim.precision) if c.side == "teacher" else "fp32"
+    with autocast(dist_info.device, precision):
+        vectors = sample_output_vectors(model, data, collator, c.side, c.n_samples, cfg.data.batch_size,
+                                        dist_info.device, c.seed + epoch, c.delta_vectors)
     return fit_curvature(hidden, vectors, c, epoch, logger if dist_info.is_master else None, dist_info.device,
                          dist_info.distributed)
 

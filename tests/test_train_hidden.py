@@ -100,11 +100,13 @@ def _small_shard_set(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def test_hyperbolic_recompute_after_every_epoch(tmp_path, pipeline_out, teacher_dir):
+@pytest.mark.parametrize("side,extra", [("student", ()), ("teacher", ("--teacher_precision", "bf16"))])
+def test_hyperbolic_recompute_after_every_epoch(tmp_path, pipeline_out, teacher_dir, side, extra):
+    """Also from a bf16 teacher, whose Linears the trainer stores in bf16: it runs in its own precision here too."""
     dump = tmp_path / "dump"
     data = _small_shard_set(pipeline_out / "processed_binarized", tmp_path / "small" / "processed_binarized", 40)
     flags = [*kd_flags(pipeline_out, teacher_dir, "match"), "--alpha_contrastive", "0.1", "--n_negative_samples",
-             "3", "hyperbolic", "--init_c", "precompute_from_student", "--n_samples_to_precompute_c", "40",
+             "3", *extra, "hyperbolic", "--init_c", f"precompute_from_{side}", "--n_samples_to_precompute_c", "40",
              "--n_components", "6", "--n_tries", "1", "--adjust_c", "recompute_after_epoch", "--no-riemannian"]
     # 30 training sequences in one batch: one update per epoch; the run stops at the last update of epoch 3
     argv = train_argv(pipeline_out, dump, "--n_epoch", "3", "--batch_size", "32", "--gradient_accumulation_steps",
@@ -112,7 +114,7 @@ def test_hyperbolic_recompute_after_every_epoch(tmp_path, pipeline_out, teacher_
                       str(data), *flags)
     assert run_train(argv) == 0
     log = (dump / "train.log").read_text()
-    values = re.findall(r"curvature c = (\S+) from 40 student logits vectors[^\n]*?(?:after epoch (\d))?\n", log)
+    values = re.findall(rf"curvature c = (\S+) from 40 {side} logits vectors[^\n]*?(?:after epoch (\d))?\n", log)
     assert [epoch for _, epoch in values] == ["", "1", "2"]
     summary = json.loads((dump / "train_summary.json").read_text())
     assert summary["global_step"] == 3
