@@ -203,11 +203,11 @@ def build(params: CacheParams, log=print) -> dict:
                             parts[name].append(values)
                         counts.append(alignment.positions.teacher_rows(batch).sum(1).cpu().numpy())
                         stats["tokens"] += int(batch["t_mask"].sum())
-                    counts_done = np.concatenate(counts)
-                    take = rows_in_order(np.concatenate(batches), counts_done, order)
+                    done, counts_done = np.concatenate(batches), np.concatenate(counts)
+                    take = rows_in_order(done, counts_done, order)
                     for name, values in parts.items():
                         writers[name].append(np.concatenate(values)[take].reshape(-1))
-                    row_counts.append(counts_done[np.argsort(np.concatenate(batches), kind="stable")])
+                    row_counts.append(counts_done[np.argsort(done)])  # per sequence, in shard order
                 for writer in writers.values():
                     writer.close()
                 counts = np.concatenate(row_counts) if row_counts else np.zeros(0, np.int64)
