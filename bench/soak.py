@@ -3,13 +3,14 @@ its open file descriptors flat (a leak per update, validation or checkpoint woul
 
     .venv/bin/python bench/soak.py [--json bench/results/soak.json] [--steps 3000] [--every 100] [--warmup 100]
         [--checkpoint_interval 500] [--log_interval 50] [--batch_size 8] [--max_rss_growth 0.05] [--threads N]
-        [--device auto|cpu|cuda] [--isolation auto|fork|spawn|none] [--seed 0] [--work_dir DIR]
+        [--precision fp32|bf16|fp16] [--device auto|cpu|cuda] [--isolation auto|fork|spawn|none] [--seed 0]
+        [--work_dir DIR]
 
 Method: bench/real_scale.py's `tiny` size is built first (`prepare_size`, in workers: the tests' synthetic
 corpus, 1,500 lines; a 300-token teacher tokenizer and a random 2 x 64 BertForMaskedLM; run_pipeline.py to a
 150-token 2 x 32 student). Then one worker process trains it the way `train.py` does (`TrainConfig.from_args`,
 `init_distributed`, `train_process`, `shutdown_distributed`): match KL + MLM against the teacher (alpha_ce 2,
-alpha_mlm 0.5), `--steps` updates of `--batch_size` texts (no accumulation, as many epochs as that takes), a
+alpha_mlm 0.5; student and teacher in `--precision`, fp32 by default), `--steps` updates of `--batch_size` texts (no accumulation, as many epochs as that takes), a
 training log every `--log_interval` updates (train.log and TensorBoard), validation (10% held out) and a
 checkpoint every `--checkpoint_interval` updates and at every epoch end (the last three kept, the best model
 exported when validation improves), then the final export. A `Distiller.step_end_hooks` callable samples the
@@ -69,7 +70,8 @@ def trainer_argv(cfg: dict) -> list[str]:
             "--alpha_mlm", "0.5", "--temperature", "2", "--device", torch.device(cfg["device"]).type,
             "--seed", str(cfg["seed"]), "--batch_size", str(cfg["batch_size"]), "--gradient_accumulation_steps", "1",
             "--max_steps", str(cfg["steps"]), "--n_epoch", "1000000", "--valid_prop", "0.1",
-            "--checkpoint_interval", str(cfg["checkpoint_interval"]), "--log_interval", str(cfg["log_interval"])]
+            "--checkpoint_interval", str(cfg["checkpoint_interval"]), "--log_interval", str(cfg["log_interval"]),
+            "--precision", cfg["precision"], "--teacher_precision", cfg["precision"]]
 
 
 def read_sample(step: int, elapsed: float) -> dict:
@@ -139,7 +141,7 @@ def report(samples: list[dict], v: dict, a: argparse.Namespace) -> str:
          f"{100 * r['peak_growth']:+.2f}%", f"< {100 * r['limit']:g}%", "PASS" if r["pass"] else "FAIL"],
         ["open fds (max after)", f["base"], f["max_after"], f"{f['max_after'] - f['base']:+d}", "<= +0",
          "PASS" if f["pass"] else "FAIL"]], "lrrrrl")
-    return (f"{a.steps} updates of the tiny match-KL run (batch {a.batch_size}, validation + checkpoint every "
+    return (f"{a.steps} updates of the tiny match-KL run ({a.precision}, batch {a.batch_size}, validation + checkpoint every "
             f"{a.checkpoint_interval} updates and at every epoch end, log every {a.log_interval}), sampled every "
             f"{a.every} updates:\n\n{table}\n\n{criteria}\n\ncurrent RSS {r['rss_base_mib']:.1f} -> "
             f"{r['rss_end_mib']:.1f} MiB ({100 * r['rss_growth']:+.2f}%), least-squares slope "
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_rss_growth", type=float, default=0.05,
                    help="largest relative growth of the peak RSS after the warm-up that passes")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the run's --precision and --teacher_precision")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--isolation", choices=("auto", "fork", "spawn", "none"), default="auto",
                    help="worker process of the set-up and the run (auto: fork on CPU, spawn on CUDA; none: "
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         setup = real_scale.prepare_size(SIZE, base, setup_args, isolation, work)
         run = {"error": f"not run: {setup['error']}"} if "error" in setup else run_isolated(soak, {
             **base, "work": str(work), "steps": a.steps, "every": a.every, "batch_size": a.batch_size,
-            "checkpoint_interval": a.checkpoint_interval, "log_interval": a.log_interval}, isolation)
+            "checkpoint_interval": a.checkpoint_interval, "log_interval": a.log_interval,
+            "precision": a.precision}, isolation)
     summary = {"machine": machine_info(device=str(device), threads=threads, isolation=isolation),
                "params": {k: v for k, v in vars(a).items() if k not in ("json", "work_dir")}, "setup": setup}
     if "error" in run:
