@@ -62,41 +62,61 @@ def _temperature_term(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     return ((pd - p * pd.sum(-1, keepdim=True)) * log_p + (log_q.exp() - p) * log_q).sum()
 
 
+def _kl_rows(teacher: Tensor, student: Tensor, temperature: float | Tensor, dtype: torch.dtype,
+             teacher_log_probs: bool, with_t_term: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The forward of the KL over float [N, C] logits (N > 0) in `dtype`, by row blocks of `KL_CHUNK_ELEMENTS`
+    through two reused [R, C] work buffers: (q - p [N, C], the KL summed over rows (0-dim, not yet scaled by
+    T^2 / N), and with `with_t_term` the `_temperature_term` summed over rows, else None). `teacher` holds logits,
+    or with `teacher_log_probs` log p at T (a cached distribution). One [N, C] tensor is written: the student's
+    log-probabilities, then q - p over them. `temperature`: a float or a detached 0-dim tensor in `dtype`."""
+    n, c = student.shape
+    device = student.device
+    rows = max(1, KL_CHUNK_ELEMENTS.get(device.type, KL_CHUNK_DEFAULT) // max(c, 1))
+    q_minus_p = torch.empty((n, c), dtype=dtype, device=device)
+    work = torch.empty((2, min(rows, n), c), dtype=dtype, device=device)
+    kl = q_minus_p.new_zeros(())
+    t_term = q_minus_p.new_zeros(()) if with_t_term else None
+    floor = torch.finfo(dtype).min
+    for start in range(0, n, rows):
+        block = slice(start, min(start + rows, n))
+        scaled, log_p = work[0, :block.stop - start], work[1, :block.stop - start]
+        if teacher_log_probs:  # log p given (a cached distribution at T)
+            log_p.copy_(teacher[block]).clamp_min_(floor)
+        else:
+            torch.log_softmax(_divide(teacher[block], temperature, scaled), -1, out=log_p).clamp_min_(floor)
+        log_q = torch.log_softmax(_divide(student[block], temperature, scaled), -1, out=q_minus_p[block])
+        p = torch.exp(log_p, out=scaled)
+        if t_term is not None:
+            t_term += _temperature_term(p, log_p, log_q)
+        kl += log_p.sub_(log_q).mul_(p).sum()  # p (log p - log q); 0 where p == 0 (log p is clamped, finite)
+        log_q.exp_().sub_(p)
+    return q_minus_p, kl, t_term
+
+
+def _spend(ctx) -> None:
+    """Mark a KL autograd function's single backward as done (it scales its saved q - p in place); raise on a
+    second one."""
+    if ctx.spent:
+        raise RuntimeError("the KL loss's backward ran a second time on one forward (retain_graph=True): it "
+                           "scales its saved q - p in place; compute the loss again for another backward")
+    ctx.spent = True
+
+
 class _KLDiv(torch.autograd.Function):
     """T^2 / N * sum_r KL(softmax(t_r / T) || softmax(s_r / T)) for float [N, C] logits (N > 0), computed in
-    `dtype`; see `kl_div_loss`. Row blocks of `KL_CHUNK_ELEMENTS` go through two reused [R, C] work buffers;
-    one [N, C] tensor is written: the student's log-probabilities, then q - p over them, kept for the
-    gradient T / N * (q - p), which the backward scales in place and hands on (fp32/fp64 students) or casts: no
-    second [N, C] fp32 tensor at the backward's peak (bench/kl_loss.py, 2,000 x 16,000 on the CPU: 118 instead of
-    150 ms for forward and backward). So the backward runs once per forward: a second one (retain_graph) raises. A temperature tensor that requires a
-    gradient also keeps the 0-dim factor of d loss / d T = T / N * (2 KL - term) (KL summed over rows, term from
-    `_temperature_term`). No double backward."""
+    `dtype` (`_kl_rows`); see `kl_div_loss`. Only q - p [N, C] is kept for the gradient T / N * (q - p), which
+    the backward scales in place and hands on (fp32/fp64 students) or casts: no second [N, C] fp32 tensor at the
+    backward's peak (bench/kl_loss.py, 2,000 x 16,000 on the CPU: 118 instead of 150 ms for forward and
+    backward). So the backward runs once per forward: a second one (retain_graph) raises. A temperature tensor
+    that requires a gradient also keeps the 0-dim factor of d loss / d T = T / N * (2 KL - term) (KL summed over
+    rows, term from `_temperature_term`). No double backward."""
 
     @staticmethod
     def forward(ctx, teacher: Tensor, student: Tensor, temperature: float | Tensor, dtype: torch.dtype,
                 teacher_log_probs: bool = False) -> Tensor:
         temp = temperature.detach().to(dtype) if isinstance(temperature, Tensor) else temperature
-        n, c = student.shape
-        device = student.device
-        rows = max(1, KL_CHUNK_ELEMENTS.get(device.type, KL_CHUNK_DEFAULT) // max(c, 1))
-        q_minus_p = torch.empty((n, c), dtype=dtype, device=device)
-        work = torch.empty((2, min(rows, n), c), dtype=dtype, device=device)
-        kl = q_minus_p.new_zeros(())
-        t_term = q_minus_p.new_zeros(()) if ctx.needs_input_grad[2] else None
-        floor = torch.finfo(dtype).min
-        for start in range(0, n, rows):
-            block = slice(start, min(start + rows, n))
-            scaled, log_p = work[0, :block.stop - start], work[1, :block.stop - start]
-            if teacher_log_probs:  # log p given (a cached distribution at T)
-                log_p.copy_(teacher[block]).clamp_min_(floor)
-            else:
-                torch.log_softmax(_divide(teacher[block], temp, scaled), -1, out=log_p).clamp_min_(floor)
-            log_q = torch.log_softmax(_divide(student[block], temp, scaled), -1, out=q_minus_p[block])
-            p = torch.exp(log_p, out=scaled)
-            if t_term is not None:
-                t_term += _temperature_term(p, log_p, log_q)
-            kl += log_p.sub_(log_q).mul_(p).sum()  # p (log p - log q); 0 where p == 0 (log p is clamped, finite)
-            log_q.exp_().sub_(p)
+        n = student.shape[0]
+        q_minus_p, kl, t_term = _kl_rows(teacher, student, temp, dtype, teacher_log_probs, ctx.needs_input_grad[2])
         ctx.save_for_backward(q_minus_p, None if t_term is None else 2 * kl - t_term)
         ctx.temp, ctx.n, ctx.student_dtype, ctx.spent = temp, n, student.dtype, False
         ctx.temperature_dtype = temperature.dtype if isinstance(temperature, Tensor) else None
@@ -105,15 +125,47 @@ class _KLDiv(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[None, Tensor | None, Tensor | None, None, None]:
-        if ctx.spent:
-            raise RuntimeError("the KL loss's backward ran a second time on one forward (retain_graph=True): it "
-                               "scales its saved q - p in place; compute the loss again for another backward")
-        ctx.spent = True
+        _spend(ctx)
         q_minus_p, t_factor = ctx.saved_tensors
         scale = grad_out * (ctx.temp / ctx.n)
         grad_student = q_minus_p.mul_(scale).to(ctx.student_dtype) if ctx.needs_input_grad[1] else None
         grad_temperature = None if t_factor is None else (scale * t_factor).to(ctx.temperature_dtype)
         return None, grad_student, grad_temperature, None, None
+
+
+class _KLAndMLM(torch.autograd.Function):
+    """(T^2 / N * sum_r KL(softmax(t_r / T) || softmax(s_r / T)), mean over the M target rows of
+    -log softmax(s_r)[label_r]) from one [N, C] student tensor (N > 0), computed in `dtype`; see
+    `kl_and_mlm_loss`. Keeps q - p [N, C] (`_kl_rows`), softmax(s) - onehot [M, C] at the target rows and their
+    indices; the backward writes one gradient, T / N * g_kl (q - p) + g_mlm / M (softmax - onehot) at the target
+    rows, summed in `dtype` and cast once, into the saved q - p (so once per forward, as `_KLDiv`)."""
+
+    @staticmethod
+    def forward(ctx, teacher: Tensor, student: Tensor, labels: Tensor, temperature: float,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        n = student.shape[0]
+        q_minus_p, kl, _ = _kl_rows(teacher, student, temperature, dtype, False, False)
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = labels.index_select(0, rows).unsqueeze(1)
+        log_probs = torch.log_softmax(student.index_select(0, rows).to(dtype), -1)
+        m = rows.numel()
+        mlm = -log_probs.gather(1, targets).sum() / max(m, 1)
+        softmax_minus_onehot = log_probs.exp_().scatter_add_(1, targets, log_probs.new_full(targets.shape, -1.0))
+        ctx.save_for_backward(q_minus_p, softmax_minus_onehot, rows)
+        ctx.temp, ctx.n, ctx.m, ctx.student_dtype, ctx.spent = temperature, n, m, student.dtype, False
+        return kl * (temperature ** 2 / n), mlm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_kl: Tensor, grad_mlm: Tensor) -> tuple[None, Tensor | None, None, None, None]:
+        _spend(ctx)
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None, None
+        q_minus_p, softmax_minus_onehot, rows = ctx.saved_tensors
+        grad = q_minus_p.mul_(grad_kl * (ctx.temp / ctx.n))
+        if ctx.m:
+            grad.index_add_(0, rows, softmax_minus_onehot.mul_(grad_mlm / ctx.m))
+        return None, grad.to(ctx.student_dtype), None, None, None
 
 
 def kl_div_loss(teacher_logits: Tensor, student_logits: Tensor, temperature: float | Tensor) -> Tensor:
@@ -152,6 +204,28 @@ def kl_div_from_log_probs(teacher_log_probs: Tensor, student_logits: Tensor, tem
         return _connected_zero(student_logits)
     return _KLDiv.apply(teacher_log_probs.detach(), student_logits, float(temperature),
                         _loss_dtype(student_logits.dtype), True)
+
+
+def kl_and_mlm_loss(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor,
+                    temperature: float) -> tuple[Tensor, Tensor]:
+    """(`kl_div_loss`, `mlm_loss`) where the MLM targets are rows of the KL's logits (one vocabulary, DistilBERT:
+    the KL reads every real position, the MLM its masked ones): (T^2 * mean over rows of KL(softmax(teacher / T) ||
+    softmax(student / T)), mean over the rows whose label is not IGNORE_INDEX of -log softmax(student)[label]).
+
+    teacher_logits, student_logits: float [N, C]; labels: int64 [N] (IGNORE_INDEX: not an MLM target);
+    temperature: T > 0 (a float). Returns two 0-dim fp32 tensors (fp64 for fp64 students), equal to the two
+    functions apart from rounding. One autograd function: the student's gradient of both terms is summed in fp32
+    and cast once, where autograd would add two gradients in the student's dtype, one of them a dense [N, C]
+    tensor holding M rows (a zeros, a scatter and an add over [N, C]). One backward per forward, as `kl_div_loss`.
+    No target row gives an MLM term of 0 connected to `student_logits`; N == 0 gives two such zeros.
+    """
+    if teacher_logits.shape != student_logits.shape or labels.shape != student_logits.shape[:1]:
+        raise ValueError(f"teacher {tuple(teacher_logits.shape)}, student {tuple(student_logits.shape)} and labels "
+                         f"{tuple(labels.shape)} differ in shape")
+    if student_logits.shape[0] == 0:
+        return _connected_zero(student_logits), _connected_zero(student_logits)
+    return _KLAndMLM.apply(teacher_logits.detach(), student_logits, labels, float(temperature),
+                           _loss_dtype(student_logits.dtype))
 
 
 def kl_div_top_k(columns: Tensor, probs: Tensor, student_logits: Tensor, temperature: float) -> Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from custom_step import IGNORE_INDEX, lm_head_logits, mlm_loss
+from custom_step import IGNORE_INDEX, kl_and_mlm_loss, lm_head_logits, mlm_loss
 from kdcore.alignments import LogitAlignment, StudentPass
 from kdcore.errors import UserError
 
@@ -64,7 +64,9 @@ class StudentRunner(nn.Module):
     """Every student pass of a step, returning only what the losses read.
 
     forward(batch, masked_ids, labels, teacher_states=None) returns a dict with
-    - `mlm_logits` [M, V_S], `mlm_labels` [M]: at the MLM targets (when mlm is on);
+    - `mlm_logits` [M, V_S], `mlm_labels` [M]: at the MLM targets (when mlm is on), except with one vocabulary, where
+      the targets are rows of `kl_student` and `kl_mlm_labels` [N] gives every KL row's label (IGNORE_INDEX: not a
+      target), so that both terms come from one pass over those logits (`custom_step.kl_and_mlm_loss`);
     - `kl_student` [N, K]: the student's scores aligned with the teacher rows of `kl.positions.teacher_rows`
       over `kl.teacher_columns` (when a KL alignment is given);
     - `loss_mse`, `loss_cos`, `loss_contrastive`: the hidden-state terms of `hidden`
@@ -137,7 +139,7 @@ class StudentRunner(nn.Module):
     def _one_vocabulary(self, batch: dict[str, Tensor], masked_ids: Tensor, labels: Tensor,
                         teacher_states: tuple[Tensor, ...] | None = None) -> dict[str, Tensor]:
         """One vocabulary: one pass; the full-vocabulary logits of the KL rows also serve the MLM targets
-        (a subset of them), so the output layer runs once per row."""
+        (a subset of them), so the output layer runs once per row, and the labels of the KL rows go with them."""
         hid = self.hidden
         enc = base_model(self.student)(input_ids=masked_ids, attention_mask=batch["s_mask"],
                                        output_hidden_states=hid is not None)
@@ -145,9 +147,7 @@ class StudentRunner(nn.Module):
         logits = self._logits(enc.last_hidden_state[rows], None)
         out = {"kl_student": logits}
         if self.mlm:
-            row_labels = labels[rows]
-            targets = row_labels != IGNORE_INDEX
-            out["mlm_logits"], out["mlm_labels"] = logits[targets], row_labels[targets]
+            out["kl_mlm_labels"] = labels[rows]
         if hid is not None:
             out.update(hid(batch, teacher_states, enc.hidden_states))
         return out
@@ -180,17 +180,24 @@ def teacher_forward(teacher: nn.Module, batch: dict[str, Tensor], kl: LogitAlign
 def combine_losses(student_out: dict[str, Tensor], t_logits, kl: LogitAlignment | None,
                    alphas: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
     """(total = sum of alpha * loss, {name: loss}) with names `loss_ce` (`kl.loss`: the KL, or the alignment's own
-    distance) and the alignment's `extra_terms` (alpha "ce" too), `loss_mlm` and the hidden-state terms `loss_mse`,
+    distance; with one vocabulary's `kl_mlm_labels`, the KL and `loss_mlm` of `kl_and_mlm_loss`) and the alignment's
+    `extra_terms` (alpha "ce" too), `loss_mlm` and the hidden-state terms `loss_mse`,
     `loss_cos`, `loss_contrastive` (computed by the runner; alphas "mse", "cos", "contrastive"). t_logits: the
     teacher's logits [N, K] (`teacher_forward`), or an object with `kl(student_scores, temperature)`
     (`teacher_cache.CachedTeacher`), or None without KL."""
     losses: dict[str, Tensor] = {}
-    if "mlm_logits" in student_out:
+    if "kl_mlm_labels" in student_out:  # one vocabulary (shared: the plain KL, the teacher online): one pass
+        kl_term, losses["loss_mlm"] = kl_and_mlm_loss(t_logits, student_out["kl_student"],
+                                                      student_out["kl_mlm_labels"], kl.temperature)
+    elif "mlm_logits" in student_out:
         losses["loss_mlm"] = mlm_loss(student_out["mlm_logits"], student_out["mlm_labels"])
     if kl is not None:
         student = student_out["kl_student"]
-        losses["loss_ce"] = (kl.loss(t_logits, student) if isinstance(t_logits, Tensor)
-                             else t_logits.kl(student, kl.temperature))
+        if "kl_mlm_labels" in student_out:
+            losses["loss_ce"] = kl_term
+        else:
+            losses["loss_ce"] = (kl.loss(t_logits, student) if isinstance(t_logits, Tensor)
+                                 else t_logits.kl(student, kl.temperature))
         losses.update({name: student_out[name] for name in kl.extra_terms})
     losses.update({name: student_out[name] for name in HIDDEN_LOSS_NAMES if name in student_out})
     weights = {"loss_mlm": alphas.get("mlm", 0.0), "loss_ce": alphas.get("ce", 0.0),

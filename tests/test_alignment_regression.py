@@ -67,9 +67,18 @@ def weight_stats(path: Path) -> dict[str, list[float]]:
             for name, t in sorted(load_file(str(path)).items())}
 
 
+ROUNDING_NOISE = ("attention.k_lin.bias", "attention.self.key.bias")
+"""Parameters compared by name only: the attention's key bias adds q . b to every key of a query alike, which the
+softmax over the keys cancels, so its gradient is 0 in exact arithmetic. What it gets is rounding noise, which
+Adam scales up to steps of about the learning rate: any change in the order of a sum (e.g. adding two loss
+gradients in fp32 before a cast instead of after) moves it by that much."""
+
+
 def assert_stats_close(got: dict[str, list[float]], want: dict[str, list[float]], what: str) -> None:
     assert got.keys() == want.keys(), what
     for name, (total, absolute, square) in want.items():
+        if name.endswith(ROUNDING_NOISE):
+            continue
         g_total, g_abs, g_square = got[name]
         assert math.isclose(g_total, total, rel_tol=RTOL, abs_tol=RTOL * absolute + 1e-9), (what, name)
         assert math.isclose(g_abs, absolute, rel_tol=RTOL, abs_tol=1e-9), (what, name)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import custom_step
 from custom_step import (
     IGNORE_INDEX,
+    kl_and_mlm_loss,
     kl_div_loss,
     lm_head_logits,
     mlm_loss,
@@ -233,6 +234,79 @@ def test_kl_backward_runs_once_per_forward(dtype):
     student.grad = None
     (kl_div_loss(teacher, student, 2.0) * 3.0).backward()
     assert torch.equal(student.grad, first)
+
+
+
+def kl_mlm_inputs(dtype: torch.dtype, n_targets: int, seed: int = 7):
+    """Teacher and student logits [12, 40] (`kl_inputs`) and labels [12] with `n_targets` target rows."""
+    teacher, student = kl_inputs(12, 40, dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.full((12,), IGNORE_INDEX, dtype=torch.long)
+    rows = torch.randperm(12, generator=gen)[:n_targets]
+    labels[rows] = torch.randint(0, 40, (n_targets,), generator=gen)
+    return teacher, student, labels
+
+
+def separate_kl_and_mlm(teacher, student, labels, temperature):
+    """The two terms as the trainer computes them apart: the KL over every row, the MLM over the target rows."""
+    targets = labels != IGNORE_INDEX
+    return kl_div_loss(teacher, student, temperature), mlm_loss(student[targets], labels[targets])
+
+
+@pytest.mark.parametrize("n_targets", [0, 1, 5, 12])
+def test_kl_and_mlm_equal_the_two_losses_in_float64(n_targets):
+    teacher, student, labels = kl_mlm_inputs(torch.float64, n_targets)
+    student.requires_grad_()
+    kl, mlm = kl_and_mlm_loss(teacher, student, labels, 2.0)
+    (grad,) = torch.autograd.grad(5.0 * kl + 2.0 * mlm, student)
+    ref_kl, ref_mlm = separate_kl_and_mlm(teacher, student, labels, 2.0)
+    (ref_grad,) = torch.autograd.grad(5.0 * ref_kl + 2.0 * ref_mlm, student)
+    assert kl.dtype == mlm.dtype == torch.float64 and kl.dim() == mlm.dim() == 0
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(mlm, ref_mlm, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+
+    def weighted(s: torch.Tensor) -> torch.Tensor:
+        kl, mlm = kl_and_mlm_loss(teacher, s, labels, 2.0)
+        return 5.0 * kl + 2.0 * mlm
+
+    finite_difference_check(weighted, (student,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_and_mlm_in_fp32_from_any_student_dtype(dtype, monkeypatch):
+    monkeypatch.setitem(custom_step.KL_CHUNK_ELEMENTS, "cpu", 5 * 40)  # row blocks of 5: 5, 5 and 2
+    teacher, student, labels = kl_mlm_inputs(dtype, 4)
+    student.requires_grad_()
+    kl, mlm = kl_and_mlm_loss(teacher, student, labels, 2.0)
+    (kl + 3.0 * mlm).backward()
+    assert kl.dtype == mlm.dtype == torch.float32 and student.grad.dtype == dtype
+    exact = student.detach().double().requires_grad_()
+    ref_kl, ref_mlm = separate_kl_and_mlm(teacher.double(), exact, labels, 2.0)
+    (ref_kl + 3.0 * ref_mlm).backward()
+    torch.testing.assert_close(kl.double(), ref_kl, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(mlm.double(), ref_mlm, rtol=1e-5, atol=1e-7)
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    # bf16: the fp32 sum of both terms' gradients rounded once, i.e. exactly the fp64 gradient's rounding (to
+    # the nearest bf16, barring a double-rounding tie)
+    expected = exact.grad.to(dtype) if dtype == torch.bfloat16 else exact.grad
+    torch.testing.assert_close(student.grad.to(expected.dtype), expected, **tol)
+
+
+def test_kl_and_mlm_edge_cases():
+    teacher, student, labels = kl_mlm_inputs(torch.float32, 3)
+    with pytest.raises(ValueError, match="differ in shape"):
+        kl_and_mlm_loss(teacher, student, labels[:5], 2.0)
+    empty = torch.zeros(0, 40, requires_grad=True)
+    kl, mlm = kl_and_mlm_loss(torch.zeros(0, 40), empty, torch.zeros(0, dtype=torch.long), 2.0)
+    (kl + mlm).backward()
+    assert kl.item() == mlm.item() == 0.0 and empty.grad.shape == (0, 40)
+    student.requires_grad_()
+    kl, mlm = kl_and_mlm_loss(teacher, student, labels, 2.0)
+    kl.backward(retain_graph=True)  # only the KL read: the MLM's gradient is 0
+    torch.testing.assert_close(student.grad, torch.autograd.grad(kl_div_loss(teacher, student, 2.0), student)[0])
+    with pytest.raises(RuntimeError, match="second time on one forward"):
+        mlm.backward()
 
 
 # ---------------------------------------------------------------------------------------------------------
