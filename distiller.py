@@ -119,7 +119,7 @@ class Distiller:
         self.token_probs = token_probs
         opt = cfg.optim
         self.precision = opt.precision
-        self.teacher_precision = opt.teacher_precision or opt.precision
+        self.teacher_precision = opt.teacher_autocast
         if self.teacher is not None and (runner.aligner is None or self.teacher_precision == self.precision):
             # an aligner runs parts of the teacher under the student's autocast: only when it is the teacher's
             stored = store_linears_in(self.teacher, self.teacher_precision)

@@ -299,7 +299,7 @@ def precompute_curvature(cfg: TrainConfig, hidden, teacher, student, data, colla
 
     c = cfg.curvature
     model = (teacher if c.side == "teacher" else student).to(dist_info.device)
-    precision = (cfg.optim.teacher_precision or cfg.optim.precision) if c.side == "teacher" else "fp32"
+    precision = cfg.optim.teacher_autocast if c.side == "teacher" else "fp32"
     with autocast(dist_info.device, precision):
         vectors = sample_output_vectors(model, data, collator, c.side, c.n_samples, cfg.data.batch_size,
                                         dist_info.device, c.seed + epoch, c.delta_vectors)

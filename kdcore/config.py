@@ -118,6 +118,11 @@ class OptimConfig:
     teacher_precision: str | None = None  # the frozen teacher's autocast (None: as `precision`)
     aligner_lr_scale: float = 1.0  # learning-rate multiplier of the alignment's trainable part (dskd's projections)
 
+    @property
+    def teacher_autocast(self) -> str:
+        """The precision the frozen teacher runs in: `teacher_precision`, else `precision`."""
+        return self.teacher_precision or self.precision
+
 
 NONFINITE_POLICIES = ("stop", "skip")
 """`--on_nonfinite` choices: what an update with a NaN/inf loss term (or, without a GradScaler, gradient norm) does."""

@@ -187,17 +187,16 @@ def combine_losses(student_out: dict[str, Tensor], t_logits, kl: LogitAlignment 
     (`teacher_cache.CachedTeacher`), or None without KL."""
     losses: dict[str, Tensor] = {}
     if "kl_mlm_labels" in student_out:  # one vocabulary (shared: the plain KL, the teacher online): one pass
-        kl_term, losses["loss_mlm"] = kl_and_mlm_loss(t_logits, student_out["kl_student"],
-                                                      student_out["kl_mlm_labels"], kl.temperature)
+        kl_term, mlm_term = kl_and_mlm_loss(t_logits, student_out["kl_student"], student_out["kl_mlm_labels"],
+                                            kl.temperature)
+        losses["loss_mlm"], losses["loss_ce"] = mlm_term, kl_term
     elif "mlm_logits" in student_out:
         losses["loss_mlm"] = mlm_loss(student_out["mlm_logits"], student_out["mlm_labels"])
-    if kl is not None:
+    if kl is not None and "loss_ce" not in losses:
         student = student_out["kl_student"]
-        if "kl_mlm_labels" in student_out:
-            losses["loss_ce"] = kl_term
-        else:
-            losses["loss_ce"] = (kl.loss(t_logits, student) if isinstance(t_logits, Tensor)
-                                 else t_logits.kl(student, kl.temperature))
+        losses["loss_ce"] = (kl.loss(t_logits, student) if isinstance(t_logits, Tensor)
+                             else t_logits.kl(student, kl.temperature))
+    if kl is not None:
         losses.update({name: student_out[name] for name in kl.extra_terms})
     losses.update({name: student_out[name] for name in HIDDEN_LOSS_NAMES if name in student_out})
     weights = {"loss_mlm": alphas.get("mlm", 0.0), "loss_ce": alphas.get("ce", 0.0),
